@@ -1,0 +1,45 @@
+"""Public layer-norm and GELU ops (reference twins in :mod:`uniter_fast.reference`)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _registry
+
+
+def _ref_ln():
+    from ..reference import layer_norm
+    return layer_norm
+
+
+def _ref_gelu():
+    from ..reference import gelu
+    return gelu
+
+
+def _torch_ln(x, weight, bias, eps=1e-12):
+    return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+
+
+def _torch_gelu(x):
+    return F.gelu(x, approximate="none")
+
+
+_registry.register("layer_norm", "reference", _ref_ln, priority=0)
+_registry.register("layer_norm", "torch", lambda: _torch_ln, priority=10)
+_registry.register("gelu", "reference", _ref_gelu, priority=0)
+_registry.register("gelu", "torch", lambda: _torch_gelu, priority=10)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float = 1e-12, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Layer norm over the last dimension (UNITER uses eps = 1e-12)."""
+    if weight.shape != (x.size(-1),) or bias.shape != (x.size(-1),):
+        raise ValueError(f"layer_norm weight/bias must be [{x.size(-1)}]; got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    return _registry.resolve("layer_norm", backend, x.device, x.dtype)(x, weight, bias, eps)
+
+
+def gelu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """GELU, erf form."""
+    return _registry.resolve("gelu", backend, x.device, x.dtype)(x)

@@ -1,0 +1,106 @@
+"""Reference IPOT (inexact proximal point optimal transport), UNITER's algorithm.
+
+Transcribes UNITER's ``model/ot.py`` batched IPOT with two defects fixed
+without changing any defined number: an example whose text or image side
+has length 0 gets a zero plan (the original divides by zero and returns NaN),
+and the caller computes trace(C·T) as sum(C ⊙ Tᵀ) instead of a B×M×M product.
+"""
+import torch
+
+
+def _as_pad(pad: torch.Tensor, name: str) -> torch.Tensor:
+    if pad.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a bool/integer padding mask (1 = padded), got {pad.dtype}")
+    return pad.bool()
+
+
+@torch.no_grad()
+def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+         beta: float = 0.5, iteration: int = 50, k: int = 1) -> torch.Tensor:
+    """Transport plan for cost ``C`` [B, M, N] (text × image).
+
+    txt_pad [B, M] / img_pad [B, N]: 1 = padded position.  Returns the plan
+    T in UNITER's orientation, [B, N, M], float32, zero on padded entries and
+    for examples with an empty side.  Computed in float32 whatever C's dtype.
+    """
+    C = C.detach().float()
+    txt_pad = _as_pad(txt_pad, "txt_pad")
+    img_pad = _as_pad(img_pad, "img_pad")
+    b, m, n = C.shape
+    x_len = (m - txt_pad.sum(1)).float()
+    y_len = (n - img_pad.sum(1)).float()
+    empty = (x_len == 0) | (y_len == 0)
+    # run empty examples as if unpadded (finite, discarded at the end)
+    x_pad = txt_pad & ~empty[:, None]
+    y_pad = img_pad & ~empty[:, None]
+    x_len = torch.where(empty, torch.full_like(x_len, m), x_len)
+    y_len = torch.where(empty, torch.full_like(y_len, n), y_len)
+    joint_pad = (x_pad[:, :, None] | y_pad[:, None, :]).transpose(1, 2)  # [B, N, M]
+
+    sigma = (torch.ones(b, m, device=C.device) / x_len[:, None]).masked_fill(x_pad, 0)
+    T = torch.ones(b, n, m, device=C.device).masked_fill(joint_pad, 0)
+    A = torch.exp(-C.transpose(1, 2) / beta).masked_fill(joint_pad, 0)
+    x_len3 = x_len[:, None, None]
+    y_len3 = y_len[:, None, None]
+    x_mask = (x_pad.float() * 1e4)[:, None, :]
+    y_mask = (y_pad.float() * 1e4)[:, None, :]
+    for _ in range(iteration):
+        Q = A * T
+        sigma = sigma.view(b, m, 1)
+        for _ in range(k):
+            delta = 1 / (y_len3 * Q.matmul(sigma).view(b, 1, n) + y_mask)
+            sigma = 1 / (x_len3 * delta.matmul(Q) + x_mask)
+        T = delta.view(b, n, 1) * Q * sigma
+    T = T.masked_fill(joint_pad, 0)
+    return T.masked_fill(empty[:, None, None], 0)
+
+
+def cost_matrix_cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Cosine distance 1 − cos(x_i, y_j): [B, M, D] × [B, N, D] → [B, M, N]."""
+    x = torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
+    y = torch.nn.functional.normalize(y, p=2, dim=-1, eps=eps)
+    return 1 - x.matmul(y.transpose(1, 2))
+
+
+def check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k):
+    """Validate WRA/IPOT arguments; raise ValueError naming the problem."""
+    if txt_emb.dim() != 3 or img_emb.dim() != 3:
+        raise ValueError(f"txt_emb and img_emb must be [B, L, D]; got {tuple(txt_emb.shape)} "
+                         f"and {tuple(img_emb.shape)}")
+    if txt_emb.size(0) != img_emb.size(0):
+        raise ValueError(f"batch size mismatch: txt_emb has {txt_emb.size(0)}, "
+                         f"img_emb has {img_emb.size(0)}")
+    if txt_emb.size(2) != img_emb.size(2):
+        raise ValueError(f"hidden size mismatch: txt_emb has {txt_emb.size(2)}, "
+                         f"img_emb has {img_emb.size(2)}")
+    if tuple(txt_pad.shape) != tuple(txt_emb.shape[:2]):
+        raise ValueError(f"txt_pad shape {tuple(txt_pad.shape)} != txt_emb [B, M] "
+                         f"{tuple(txt_emb.shape[:2])}")
+    if tuple(img_pad.shape) != tuple(img_emb.shape[:2]):
+        raise ValueError(f"img_pad shape {tuple(img_pad.shape)} != img_emb [B, N] "
+                         f"{tuple(img_emb.shape[:2])}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if int(iteration) < 1 or int(k) < 1:
+        raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")
+
+
+def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
+                           txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                           beta: float = 0.5, iteration: int = 50, k: int = 1,
+                           *, ipot_fn=ipot) -> torch.Tensor:
+    """UNITER's WRA distance per example, [B], float32.
+
+    Cosine cost in float32, plan from IPOT on the detached cost (no grad),
+    distance = trace(C·T) = sum(C ⊙ Tᵀ) with T detached: gradients flow only
+    through C.  Padded positions and empty sequences contribute 0.
+    ``ipot_fn`` is the IPOT implementation (the reference by default).
+    """
+    check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)
+    txt_pad = _as_pad(txt_pad, "txt_pad")
+    img_pad = _as_pad(img_pad, "img_pad")
+    cost = cost_matrix_cosine(txt_emb.float(), img_emb.float())
+    joint_pad = txt_pad[:, :, None] | img_pad[:, None, :]
+    cost = cost.masked_fill(joint_pad, 0)
+    T = ipot_fn(cost.detach(), txt_pad, img_pad, beta, int(iteration), int(k))
+    return (cost * T.detach().transpose(1, 2)).sum(dim=(1, 2))

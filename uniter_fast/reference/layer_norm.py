@@ -1,0 +1,20 @@
+"""Reference layer norm and GELU (erf form), written out explicitly."""
+import math
+
+import torch
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float = 1e-12) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) · weight + bias over the last dim
+    (biased variance, statistics in float32 for low-precision inputs)."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    y = (xf - mean) / torch.sqrt(var + eps)
+    return (y * weight.float() + bias.float()).to(x.dtype)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · ½ · (1 + erf(x / √2)), as in UNITER/BERT."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
