@@ -26,6 +26,7 @@ def _expose_source_kernels() -> None:
         mod = _ilu.module_from_spec(spec)
         _sys.modules["uniter_fast.kernels"] = mod
         spec.loader.exec_module(mod)
+        globals()["kernels"] = mod
 
 
 _expose_source_kernels()
