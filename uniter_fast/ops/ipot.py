@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import _registry
-from ..reference import ipot as _ref
+from ..reference import ot as _ref
 
 OP = "ipot"
 
