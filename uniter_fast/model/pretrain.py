@@ -1,0 +1,218 @@
+"""UNITER pretraining heads and losses (MLM, MRFR, MRC, MRC-KL, ITM + WRA), drop-in for ``model/pretrain.py``."""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .layer import GELU, BertOnlyMLMHead, LayerNorm
+from .model import UniterModel, UniterPreTrainedModel
+
+TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
+
+
+class RegionFeatureRegression(nn.Module):
+    """MRFR head; its output projection is img_linear's weight, transposed (tied)."""
+
+    def __init__(self, hidden_size: int, feat_dim: int, img_linear_weight: nn.Parameter):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), GELU(),
+                                 LayerNorm(hidden_size, eps=1e-12))
+        self.weight = img_linear_weight
+        self.bias = nn.Parameter(torch.zeros(feat_dim))
+
+    def forward(self, input_):
+        return F.linear(self.net(input_), self.weight.t(), self.bias)
+
+
+class RegionClassification(nn.Module):
+    """MRC(-KL) head."""
+
+    def __init__(self, hidden_size: int, label_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), GELU(),
+                                 LayerNorm(hidden_size, eps=1e-12),
+                                 nn.Linear(hidden_size, label_dim))
+
+    def forward(self, input_):
+        return self.net(input_)
+
+
+def itm_ot_loss(itm_loss: torch.Tensor,
+                ot_loss: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                itm_ot_lambda: float = 0.1) -> torch.Tensor:
+    """UNITER's ITM + WRA objective from ``forward(batch, "itm")``'s outputs:
+
+    ``itm_loss.mean() + itm_ot_lambda * (ot_pos.sum() − ot_neg.sum()) / (n_pos + n_neg)``.
+    Safe when the batch has no positives or no negatives (those sums are 0).
+    """
+    loss = itm_loss.mean()
+    if ot_loss is None or itm_ot_lambda == 0:
+        return loss
+    ot_pos, ot_neg = ot_loss
+    n = ot_pos.numel() + ot_neg.numel()
+    if n == 0:
+        return loss
+    ot = (ot_pos.float().sum() - ot_neg.float().sum()) / n
+    return loss + itm_ot_lambda * ot.to(loss.dtype)
+
+
+class UniterForPretraining(UniterPreTrainedModel):
+    """UNITER pretraining: ``forward(batch, task, compute_loss=True)`` as in the original."""
+
+    validate_inputs = True  # one host sync per forward; set False on a trusted pipeline
+
+    def __init__(self, config, img_dim: int, img_label_dim: int):
+        super().__init__(config)
+        if not isinstance(img_label_dim, int) or img_label_dim < 2:
+            raise ValueError(f"img_label_dim must be an int >= 2, got {img_label_dim!r}")
+        self.uniter = UniterModel(config, img_dim)
+        self.cls = BertOnlyMLMHead(config, self.uniter.embeddings.word_embeddings.weight)
+        self.feat_regress = RegionFeatureRegression(
+            config.hidden_size, img_dim, self.uniter.img_embeddings.img_linear.weight)
+        self.region_classifier = RegionClassification(config.hidden_size, img_label_dim)
+        self.itm_output = nn.Linear(config.hidden_size, 2)
+        self.apply(self.init_weights)
+
+    # ------------------------------------------------------------------ checks
+    def check_batch(self, batch: Dict[str, Any], task: str) -> None:
+        """Raise ValueError naming the problem for a malformed batch."""
+        if task not in TASKS and task != "mrckl":
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        need = ["input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks",
+                "gather_index"]
+        need += {"mlm": ["txt_labels"], "mrfr": ["img_masks", "img_mask_tgt", "feat_targets"],
+                 "itm": ["targets"]}.get(task, [])
+        if task.startswith("mrc"):
+            need += ["img_masks", "img_mask_tgt", "label_targets"]
+        missing = [k for k in need if batch.get(k) is None]
+        if missing:
+            raise ValueError(f"batch for task {task!r} is missing {missing}")
+        ids, feat, pos = batch["input_ids"], batch["img_feat"], batch["img_pos_feat"]
+        attn, gidx = batch["attn_masks"], batch["gather_index"]
+        b = ids.size(0)
+        for key in ("img_feat", "img_pos_feat", "attn_masks", "gather_index"):
+            if batch[key].size(0) != b:
+                raise ValueError(f"batch size mismatch: input_ids has {b} examples, "
+                                 f"{key} has {batch[key].size(0)}")
+        if feat.dim() != 3 or feat.size(-1) != self.uniter.img_dim:
+            raise ValueError(f"img_feat must be [B, N, img_dim={self.uniter.img_dim}], "
+                             f"got {tuple(feat.shape)}")
+        if pos.dim() != 3 or pos.size(1) != feat.size(1) or pos.size(-1) != 7:
+            raise ValueError(f"img_pos_feat must be [B, N={feat.size(1)}, 7], got {tuple(pos.shape)}")
+        if gidx.dim() != 2 or attn.dim() != 2 or gidx.size(1) != attn.size(1):
+            raise ValueError(f"gather_index {tuple(gidx.shape)} and attn_masks {tuple(attn.shape)} "
+                             f"must both be [B, joint_len]")
+        if ids.size(1) > self.config.max_position_embeddings:
+            raise ValueError(f"text length {ids.size(1)} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        tl, nbb = ids.size(1), feat.size(1)
+        # one host sync for all data-dependent checks
+        flags = torch.stack([
+            (gidx.min() < 0) | (gidx.max() >= tl + nbb) if gidx.numel() else torch.zeros((), dtype=torch.bool, device=gidx.device),
+            ~torch.isfinite(feat).all(), ~torch.isfinite(pos).all(),
+            (ids.min() < 0) | (ids.max() >= self.config.vocab_size) if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device),
+        ]).tolist()
+        if flags[0]:
+            raise ValueError(f"gather_index out of range: values must be in [0, {tl + nbb}) "
+                             f"(text length {tl} + regions {nbb})")
+        if flags[1]:
+            raise ValueError("img_feat contains NaN or inf")
+        if flags[2]:
+            raise ValueError("img_pos_feat contains NaN or inf")
+        if flags[3]:
+            raise ValueError(f"input_ids out of range [0, vocab_size={self.config.vocab_size})")
+        if task == "mrfr" and not torch.isfinite(batch["feat_targets"]).all():
+            raise ValueError("feat_targets contains NaN or inf")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batch: Dict[str, Any], task: str, compute_loss: bool = True):
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        if task == "mrckl":
+            task = "mrc-kl"
+        if self.validate_inputs:
+            self.check_batch(batch, task)
+        elif task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        args = (batch["input_ids"], batch["position_ids"], batch["img_feat"],
+                batch["img_pos_feat"], batch["attn_masks"], batch["gather_index"])
+        if task == "mlm":
+            return self.forward_mlm(*args, batch["txt_labels"], compute_loss)
+        if task == "mrfr":
+            return self.forward_mrfr(*args, batch["img_masks"], batch["img_mask_tgt"],
+                                     batch["feat_targets"], compute_loss)
+        if task == "itm":
+            return self.forward_itm(*args, batch["targets"], batch.get("ot_inputs"), compute_loss)
+        return self.forward_mrc(*args, batch["img_masks"], batch["img_mask_tgt"],
+                                batch["label_targets"], task, compute_loss)
+
+    @staticmethod
+    def _compute_masked_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of ``hidden`` where ``mask`` is set (bool or uint8)."""
+        return hidden[mask.bool()].contiguous().view(-1, hidden.size(-1))
+
+    def forward_mlm(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                    gather_index, txt_labels, compute_loss=True):
+        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                          gather_index, output_all_encoded_layers=False)
+        seq = seq[:, :input_ids.size(1), :]
+        masked = txt_labels != -1
+        scores = self.cls(self._compute_masked_hidden(seq, masked))
+        if compute_loss:
+            return F.cross_entropy(scores.float(), txt_labels[masked], reduction="none")
+        return scores
+
+    def forward_mrfr(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                     gather_index, img_masks, img_mask_tgt, feat_targets, compute_loss=True):
+        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                          gather_index, output_all_encoded_layers=False, img_masks=img_masks)
+        pred = self.feat_regress(self._compute_masked_hidden(seq, img_mask_tgt))
+        if compute_loss:
+            if pred.shape != feat_targets.shape:
+                raise ValueError(f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
+                                 f"{pred.size(0)} masked regions in img_mask_tgt")
+            return F.mse_loss(pred.float(), feat_targets.float(), reduction="none")
+        return pred
+
+    def forward_itm(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                    gather_index, targets, ot_inputs, compute_loss=True):
+        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                          gather_index, output_all_encoded_layers=False)
+        itm_scores = self.itm_output(self.uniter.pooler(seq))
+        ot_loss = None
+        if ot_inputs is not None:
+            ot_dist = self._ot_distance(seq, input_ids.size(1), img_feat.size(1), ot_inputs)
+            ot_loss = (ot_dist.masked_select(targets == 1), ot_dist.masked_select(targets == 0))
+        if compute_loss:
+            return F.cross_entropy(itm_scores.float(), targets, reduction="none"), ot_loss
+        return itm_scores, ot_loss
+
+    def _ot_distance(self, seq, tl: int, il: int, ot_inputs) -> torch.Tensor:
+        """Scatter the compact sequence back to [text | image] slots; WRA in float32."""
+        scatter_max = ot_inputs["scatter_max"]
+        scatter_max = int(scatter_max.max()) if torch.is_tensor(scatter_max) else int(scatter_max)
+        b, _, h = seq.shape
+        max_l = max(scatter_max + 1, tl + il)
+        index = ot_inputs["ot_scatter"].long().unsqueeze(-1).expand_as(seq)
+        ctx = seq.new_zeros(b, max_l, h).scatter(1, index, seq)
+        return ops.optimal_transport_dist(ctx[:, :tl].float(), ctx[:, tl:tl + il].float(),
+                                          ot_inputs["txt_pad"], ot_inputs["img_pad"])
+
+    def forward_mrc(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                    gather_index, img_masks, img_mask_tgt, label_targets, task, compute_loss=True):
+        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                          gather_index, output_all_encoded_layers=False, img_masks=img_masks)
+        pred = self.region_classifier(self._compute_masked_hidden(seq, img_mask_tgt))
+        if not compute_loss:
+            return pred
+        if pred.shape != label_targets.shape:
+            raise ValueError(f"label_targets shape {tuple(label_targets.shape)} does not match "
+                             f"predictions {tuple(pred.shape)}")
+        if "kl" in task:
+            return F.kl_div(F.log_softmax(pred.float(), dim=-1), label_targets.float(),
+                            reduction="none")
+        # background (class 0) is never the target
+        hard = label_targets[:, 1:].argmax(dim=-1) + 1
+        return F.cross_entropy(pred.float(), hard, ignore_index=0, reduction="none")
