@@ -8,7 +8,7 @@ CUDA, torch); otherwise ``uniter_fast`` JIT-compiles it on first use.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,8 +33,7 @@ setup(
     name="uniter_fast",
     version="0.1.0",
     description="Fast, trustworthy UNITER: fused Triton attention, batched IPOT kernels, DeepSpeed training",
-    packages=["uniter_fast", "uniter_fast.reference", "uniter_fast.ops", "uniter_fast.model",
-              "uniter_fast.data", "uniter_fast.kernels"],
+    packages=find_packages(include=["uniter_fast", "uniter_fast.*"]) + ["uniter_fast.kernels"],
     package_dir={"uniter_fast.kernels": "kernels"},
     package_data={"uniter_fast": ["configs/*.json"]},
     python_requires=">=3.10",
