@@ -31,7 +31,7 @@ class _Backend:
     impl: Callable[[], Callable]          # lazy loader: returns the function
     available: Callable[[torch.device, torch.dtype], Optional[str]]
     priority: int                         # higher wins under "auto"
-    auto: bool                            # may "auto" pick it at all?
+    auto: Union[bool, Callable[[torch.device, torch.dtype], bool]]  # may "auto" pick it (here)?
 
 
 _OPS: Dict[str, Dict[str, _Backend]] = {}
@@ -40,21 +40,26 @@ _state = threading.local()
 
 def register(op: str, name: str, impl: Callable[[], Callable], *,
              available: Callable[[torch.device, torch.dtype], Optional[str]] = lambda d, t: None,
-             priority: int = 0, auto: bool = True) -> None:
+             priority: int = 0,
+             auto: Union[bool, Callable[[torch.device, torch.dtype], bool]] = True) -> None:
     """Register backend ``name`` of ``op``.
 
     ``impl`` is called lazily (first use) and returns the implementation, so
     importing :mod:`uniter_fast` never compiles or imports Triton/C++ code.
     ``available(device, dtype)`` returns ``None`` when the backend can run,
-    otherwise a short human-readable reason why not.
+    otherwise a short human-readable reason why not.  ``auto`` may also be a
+    predicate ``auto(device, dtype) -> bool`` (e.g. a Triton backend that runs
+    on CPU only through the slow interpreter: selectable by name there, never
+    picked by "auto").
     """
     _OPS.setdefault(op, {})[name] = _Backend(
         name, functools.lru_cache(maxsize=None)(impl), available, priority, auto)
 
 
 def registered_backends(op: str) -> List[str]:
+    """Backends of ``op`` in "auto" preference order (those auto never picks last)."""
     _check_op(op)
-    return sorted(_OPS[op], key=lambda n: -_OPS[op][n].priority)
+    return sorted(_OPS[op], key=lambda n: (not _OPS[op][n].auto, -_OPS[op][n].priority))
 
 
 def _check_op(op: str) -> None:
@@ -71,7 +76,8 @@ def _reason(b: _Backend, device: torch.device, dtype: torch.dtype) -> Optional[s
 
 def available_backends(op: str, device: Union[str, torch.device, None] = None,
                        dtype: Optional[torch.dtype] = None) -> List[str]:
-    """Backends of ``op`` that can run here, fastest first.
+    """Backends of ``op`` that can run here, in "auto" preference order: the
+    first is what ``backend="auto"`` picks.
 
     ``device`` defaults to CUDA when present, else CPU; ``dtype`` to float32.
     """
@@ -131,7 +137,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
         reasons = []
         for n in registered_backends(op):
             b = backends[n]
-            if not b.auto:
+            if not (b.auto(device, dtype) if callable(b.auto) else b.auto):
                 continue
             r = _reason(b, device, dtype)
             if r is None:
