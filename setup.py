@@ -14,17 +14,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ext_modules():
+    """``uniter_fast._C``: csrc/*.cpp (CPU), plus csrc/*.cu when CUDA is usable.
+
+    Without torch or a compiler nothing is built here and ``uniter_fast._ext``
+    JIT-compiles on first use (``UNITER_FAST_NO_EXT=1`` skips the build).
+    """
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources or os.environ.get("UNITER_FAST_NO_EXT") == "1":
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                               CUDAExtension)
     except ImportError:
         return [], {}
-    ext = CppExtension("uniter_fast._C", cpp_sources,
-                       extra_compile_args=["-O3", "-fopenmp"],
-                       extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cxx = ["-O3", "-fopenmp"]
+    with_cuda = (CUDA_HOME is not None and torch.cuda.is_available()
+                 and os.environ.get("UNITER_FAST_NO_CUDA") != "1")
+    if with_cuda:
+        ext = CUDAExtension("uniter_fast._C", cpp_sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
+                            define_macros=[("UNITER_FAST_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("uniter_fast._C", cpp_sources, extra_compile_args=cxx,
+                           extra_link_args=["-fopenmp"])
+
+    class _OptionalBuildExt(BuildExtension.with_options(use_ninja=True)):
+        """A failed extension build is not a failed install: _ext.py JITs later."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # no compiler, broken toolchain, ...
+                print(f"WARNING: building uniter_fast._C failed ({e}); "
+                      "it will be JIT-compiled on first use")
+
+    return [ext], {"build_ext": _OptionalBuildExt}
 
 
 ext_modules, cmdclass = _ext_modules()

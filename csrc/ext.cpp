@@ -1,0 +1,74 @@
+// Python bindings of uniter_fast's C++/CUDA kernels (module uniter_fast._C).
+//
+// Built by setup.py (CppExtension, or CUDAExtension with
+// UNITER_FAST_WITH_CUDA defined when CUDA is available), or JIT-compiled by
+// uniter_fast/_ext.py.
+#include <torch/extension.h>
+
+#ifdef UNITER_FAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ipot_cuda.h"
+#endif
+
+namespace uniter_fast {
+
+void check_ipot_args(const torch::Tensor& C, const torch::Tensor& txt_pad,
+                     const torch::Tensor& img_pad, double beta, int64_t iteration, int64_t k);
+torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
+                       double beta, int64_t iteration, int64_t k);
+
+#ifdef UNITER_FAST_WITH_CUDA
+torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
+                        double beta, int64_t iteration, int64_t k) {
+  check_ipot_args(C, txt_pad, img_pad, beta, iteration, k);
+  TORCH_CHECK_VALUE(C.is_cuda(), "ipot_cuda needs CUDA tensors; got ", C.device());
+  TORCH_CHECK_VALUE(C.size(1) < (1 << 30) && C.size(2) < (1 << 30) && C.size(0) < (1LL << 31),
+                    "cost C too large for ipot_cuda: ", C.sizes());
+  int dtype;
+  switch (C.scalar_type()) {
+    case at::kFloat: dtype = kIpotF32; break;
+    case at::kHalf: dtype = kIpotF16; break;
+    case at::kBFloat16: dtype = kIpotBF16; break;
+    case at::kDouble: dtype = kIpotF64; break;
+    default: TORCH_CHECK_VALUE(false, "cost C dtype ", C.scalar_type(), " is not supported");
+  }
+  const c10::cuda::CUDAGuard guard(C.device());
+  const int64_t B = C.size(0), M = C.size(1), N = C.size(2);
+  auto out = torch::zeros({B, N, M}, C.options().dtype(torch::kFloat32));
+  if (B == 0 || M == 0 || N == 0) return out;
+  const int device = C.get_device();
+  torch::Tensor ws;
+  if (!ipot_cuda_fits_smem(M, N, device))
+    ws = torch::empty({B, 2 * M * N}, C.options().dtype(torch::kFloat32));
+  const int err = ipot_cuda_launch(
+      C.data_ptr(), dtype, B, M, N, C.stride(0), C.stride(1), C.stride(2),
+      txt_pad.data_ptr<bool>(), txt_pad.stride(0), txt_pad.stride(1),
+      img_pad.data_ptr<bool>(), img_pad.stride(0), img_pad.stride(1),
+      static_cast<float>(beta), iteration, k, out.data_ptr<float>(),
+      ws.defined() ? ws.data_ptr<float>() : nullptr, device,
+      static_cast<void*>(c10::cuda::getCurrentCUDAStream(device).stream()));
+  TORCH_CHECK(err == 0, "ipot_cuda launch failed: ", ipot_cuda_error_string(err));
+  return out;
+}
+#endif
+
+}  // namespace uniter_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "uniter_fast C++/CUDA kernels";
+  m.def("ipot_cpu", &uniter_fast::ipot_cpu,
+        "Batched IPOT plan on CPU: (C [B,M,N], txt_pad [B,M] bool, img_pad [B,N] bool, beta, "
+        "iteration, k) -> T [B,N,M] float32",
+        py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
+        py::arg("iteration"), py::arg("k"));
+#ifdef UNITER_FAST_WITH_CUDA
+  m.def("ipot_cuda", &uniter_fast::ipot_cuda, "Batched IPOT plan on CUDA (same contract)",
+        py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
+        py::arg("iteration"), py::arg("k"));
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}
