@@ -1,4 +1,6 @@
 """Public attention op: ``attention(q, k, v, attn_mask, dropout_p=0.0, scale=None, *, backend="auto")``."""
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -27,8 +29,39 @@ def _reference():
     return attention
 
 
+# --- triton: fused FlashAttention-2-style kernel (kernels/attention_triton.py)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 128  # same limit as the kernel; larger heads fall back under "auto"
+
+
+def _triton_available(device, dtype):
+    if dtype not in TRITON_DTYPES:
+        return f"needs fp16/bf16/fp32, got {dtype}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"runs on CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}"
+
+
+def _triton_auto(device, dtype):
+    # "auto" picks triton on CUDA only; on CPU the interpreter is a test tool
+    return device.type == "cuda"
+
+
+def _triton(q, k, v, attn_mask, dropout_p=0.0, scale=None):
+    from uniter_fast.kernels import attention_triton
+    return attention_triton.attention(q, k, v, attn_mask, dropout_p, scale)
+
+
 _registry.register(OP, "reference", _reference, available=_float_only, priority=0)
 _registry.register(OP, "sdpa", lambda: _sdpa, available=_float_only, priority=10)
+_registry.register(OP, "triton", lambda: _triton, available=_triton_available, priority=20,
+                   auto=_triton_auto)
 
 
 def check_inputs(q, k, v, attn_mask):
@@ -56,4 +89,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     fn = _registry.resolve(OP, backend, q.device, q.dtype)
+    if fn is _triton and not 1 <= q.size(-1) <= TRITON_MAX_HEAD_DIM:
+        if (backend or "auto") == "auto" and _registry.current_backend(OP) == "auto":
+            fn = _registry.resolve(OP, "sdpa", q.device, q.dtype)  # head too wide for the kernel
+        else:
+            raise ValueError(f"backend 'triton' supports head_dim 1..{TRITON_MAX_HEAD_DIM}, "
+                             f"got {q.size(-1)}")
     return fn(q, k, v, attn_mask, dropout_p, scale)
