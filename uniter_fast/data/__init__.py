@@ -1,0 +1,22 @@
+"""Data pipeline: UNITER's LMDB formats, the synthetic grounded dataset,
+conditional-masking datasets, UNITER's batch dicts, token-bucket sampling and
+task mixing."""
+from .build import create_train_loader, create_val_loaders, resolve_path, task_of, text_meta
+from .collate import (collate_fn_for, get_gather_index, itm_collate, itm_ot_collate,
+                      mlm_collate, mrc_collate, mrfr_collate, pad_tensors)
+from .datasets import (DetectFeatTxtTokDataset, ItmDataset, MlmDataset, MrcDataset,
+                       MrfrDataset, build_dataset)
+from .db import DbError, DetectFeatLmdb, TxtTokLmdb, compute_num_bb, write_img_db, write_txt_db
+from .loader import ConcatDatasetWithLens, MetaLoader, TaskLoader, move_to_device
+from .sampler import TokenBucketSampler
+from .synthetic import SyntheticSpec, ensure_synthetic, generate_synthetic
+
+__all__ = [
+    "create_train_loader", "create_val_loaders", "resolve_path", "task_of", "text_meta",
+    "collate_fn_for", "get_gather_index", "itm_collate", "itm_ot_collate", "mlm_collate",
+    "mrc_collate", "mrfr_collate", "pad_tensors", "DetectFeatTxtTokDataset", "ItmDataset",
+    "MlmDataset", "MrcDataset", "MrfrDataset", "build_dataset", "DbError", "DetectFeatLmdb",
+    "TxtTokLmdb", "compute_num_bb", "write_img_db", "write_txt_db", "ConcatDatasetWithLens",
+    "MetaLoader", "TaskLoader", "move_to_device", "TokenBucketSampler", "SyntheticSpec",
+    "ensure_synthetic", "generate_synthetic",
+]

@@ -1,0 +1,351 @@
+"""Readers and writers for UNITER's preprocessed LMDB format.
+
+Text db (``txt_db``): a directory that is an LMDB environment whose values are
+lz4-frame-compressed msgpack dicts (``input_ids``, ``img_fname``, ...) keyed by
+text id, next to ``id2len.json``, ``txt2img.json``, ``img2txts.json`` and
+``meta.json`` (``CLS``, ``SEP``, ``MASK``, ``v_range``, ...).
+
+Image db (``img_db``): a directory holding
+``feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]/`` (an LMDB of per-image
+records: ``np.savez_compressed`` bytes when compressed, msgpack-numpy otherwise,
+with ``features`` fp16 [n, 2048], ``norm_bb`` [n, 6], ``conf`` [n] and
+``soft_labels`` [n, label_dim]) and ``nbb_th{conf_th}_max{max_bb}_min{min_bb}.json``
+(number of boxes per image).  With ``conf_th == -1`` the db is
+``feat_numbb{num_bb}`` and every image uses ``num_bb`` boxes.
+
+Every read is validated: a missing key, a corrupt record, non-finite values or
+shapes that disagree raise :class:`DbError` (a ``ValueError``) naming the db
+and the key, so training never silently runs on garbage.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import lmdb
+import msgpack
+import msgpack_numpy
+import numpy as np
+from lz4.frame import compress as lz4_compress
+from lz4.frame import decompress as lz4_decompress
+
+__all__ = ["DbError", "compute_num_bb", "TxtTokLmdb", "DetectFeatLmdb", "write_txt_db",
+           "write_img_db", "img_db_name", "nbb_file_name"]
+
+_MAP_SIZE = 1 << 34   # 16 GiB of address space (sparse; grows only as written)
+
+
+class DbError(ValueError):
+    """A UNITER db is missing, corrupt or inconsistent."""
+
+
+def compute_num_bb(confs: np.ndarray, conf_th: float, min_bb: int, max_bb: int) -> int:
+    """UNITER's dynamic box count: ``min(max_bb, max(min_bb, #(conf > conf_th)))``."""
+    n = max(int(min_bb), int((np.asarray(confs) > conf_th).sum()))
+    return int(min(int(max_bb), n))
+
+
+def img_db_name(conf_th: float, max_bb: int, min_bb: int, num_bb: int, compress: bool) -> str:
+    name = f"feat_numbb{num_bb}" if conf_th == -1 else f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
+    return name + ("_compressed" if compress else "")
+
+
+def nbb_file_name(conf_th: float, max_bb: int, min_bb: int) -> str:
+    return f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
+
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DbError(f"{what}: missing file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DbError(f"{what}: corrupt JSON {path}: {e}") from None
+
+
+_OPEN_ENVS: Dict[Tuple[int, str], Any] = {}
+
+
+def _reader(path: str):
+    """One read-only LMDB environment + transaction per (process, path): py-lmdb
+    refuses to open an environment twice in a process, and handles must not
+    cross a fork (DataLoader workers)."""
+    key = (os.getpid(), os.path.realpath(path))
+    txn = _OPEN_ENVS.get(key)
+    if txn is None:
+        env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False,
+                        max_readers=1024)
+        txn = env.begin(buffers=False)
+        _OPEN_ENVS[key] = txn
+    return txn
+
+
+class _LazyEnv:
+    """Read-only LMDB handle opened lazily per process (safe with forked DataLoader workers)."""
+
+    def __init__(self, path: str, what: str):
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "data.mdb")):
+            raise DbError(f"{what}: no LMDB database at {path}")
+        self.path = path
+        self.what = what
+
+    def get(self, key: str) -> bytes:
+        try:
+            val = _reader(self.path).get(key.encode("utf-8"))
+        except lmdb.Error as e:
+            raise DbError(f"{self.what} {self.path}: LMDB error reading key {key!r}: {e}") from None
+        if val is None:
+            raise DbError(f"{self.what} {self.path}: missing key {key!r}")
+        return val
+
+
+class TxtTokLmdb:
+    """UNITER's tokenized text db (``TxtTokLmdb``), with validated reads.
+
+    ``max_txt_len`` (-1 = no limit) drops captions longer than it, as in UNITER.
+    """
+
+    def __init__(self, db_dir: str, max_txt_len: int = 60):
+        self.db_dir = os.path.normpath(db_dir)
+        what = "text db"
+        id2len = _load_json(os.path.join(self.db_dir, "id2len.json"), what)
+        if not isinstance(id2len, dict):
+            raise DbError(f"text db {self.db_dir}: id2len.json must map id -> length")
+        self.id2len = {k: int(v) for k, v in id2len.items()
+                       if max_txt_len == -1 or int(v) <= max_txt_len}
+        meta = _load_json(os.path.join(self.db_dir, "meta.json"), what)
+        for key in ("CLS", "SEP", "MASK", "v_range"):
+            if key not in meta:
+                raise DbError(f"text db {self.db_dir}: meta.json lacks {key!r}")
+        self.meta = meta
+        self.cls_ = int(meta["CLS"])
+        self.sep = int(meta["SEP"])
+        self.mask = int(meta["MASK"])
+        self.v_range = [int(meta["v_range"][0]), int(meta["v_range"][1])]
+        if self.v_range[1] <= self.v_range[0]:
+            raise DbError(f"text db {self.db_dir}: empty v_range {self.v_range}")
+        self._env = _LazyEnv(self.db_dir, "text db")
+        self._txt2img = None
+        self._img2txts = None
+
+    def __len__(self) -> int:
+        return len(self.id2len)
+
+    def __getitem__(self, id_: str) -> Dict[str, Any]:
+        raw = self._env.get(id_)
+        try:
+            dump = msgpack.loads(lz4_decompress(raw), raw=False)
+        except Exception as e:  # lz4 / msgpack raise various types
+            raise DbError(f"text db {self.db_dir}: corrupt record {id_!r} "
+                          f"({type(e).__name__}: {e})") from None
+        if not isinstance(dump, dict) or "input_ids" not in dump or "img_fname" not in dump:
+            raise DbError(f"text db {self.db_dir}: record {id_!r} lacks input_ids/img_fname")
+        ids = dump["input_ids"]
+        if (not isinstance(ids, (list, tuple)) or
+                not all(isinstance(t, int) and t >= 0 for t in ids)):
+            raise DbError(f"text db {self.db_dir}: record {id_!r} input_ids must be a list "
+                          "of non-negative ints")
+        expect = self.id2len.get(id_)
+        if expect is not None and expect != len(ids):
+            raise DbError(f"text db {self.db_dir}: record {id_!r} has {len(ids)} tokens but "
+                          f"id2len.json says {expect}")
+        return dump
+
+    def combine_inputs(self, *inputs: Iterable[int]) -> List[int]:
+        """[CLS] a [SEP] b [SEP] ..."""
+        out = [self.cls_]
+        for ids in inputs:
+            out.extend(list(ids) + [self.sep])
+        return out
+
+    @property
+    def txt2img(self) -> Dict[str, str]:
+        if self._txt2img is None:
+            self._txt2img = _load_json(os.path.join(self.db_dir, "txt2img.json"), "text db")
+        return self._txt2img
+
+    @property
+    def img2txts(self) -> Dict[str, List[str]]:
+        if self._img2txts is None:
+            self._img2txts = _load_json(os.path.join(self.db_dir, "img2txts.json"), "text db")
+        return self._img2txts
+
+
+class DetectFeatLmdb:
+    """UNITER's detected-region feature db (``DetectFeatLmdb``), with validated reads."""
+
+    def __init__(self, img_dir: str, conf_th: float = 0.2, max_bb: int = 100, min_bb: int = 10,
+                 num_bb: int = 36, compress: bool = True, img_dim: Optional[int] = None):
+        self.img_dir = os.path.normpath(img_dir)
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        self.compress = compress
+        self.img_dim = img_dim
+        if conf_th != -1 and not (1 <= min_bb <= max_bb):
+            raise DbError(f"image db {self.img_dir}: need 1 <= min_bb <= max_bb, "
+                          f"got min_bb={min_bb}, max_bb={max_bb}")
+        name = img_db_name(conf_th, max_bb, min_bb, num_bb, compress)
+        self.name2nbb: Dict[str, int]
+        nbb_path = os.path.join(self.img_dir, nbb_file_name(conf_th, max_bb, min_bb))
+        if conf_th == -1:
+            self._fixed_nbb = int(num_bb)
+            self.name2nbb = None  # type: ignore[assignment]
+        elif os.path.exists(nbb_path):
+            self._fixed_nbb = None
+            self.name2nbb = {k: int(v) for k, v in _load_json(nbb_path, "image db").items()}
+        else:
+            # nbb not pre-computed: UNITER then reads the "all" db and computes it
+            name = "all_compressed" if compress else "all"
+            self._fixed_nbb = None
+            self.name2nbb = None  # type: ignore[assignment]
+        self.db_path = os.path.join(self.img_dir, name)
+        self._env = _LazyEnv(self.db_path, "image db")
+        if self.name2nbb is None and self._fixed_nbb is None:
+            self.name2nbb = self._compute_nbb()
+
+    def _keys(self) -> List[str]:
+        raw = self._env.get("__keys__")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except Exception as e:
+            raise DbError(f"image db {self.db_path}: corrupt __keys__ ({e})") from None
+
+    def _compute_nbb(self) -> Dict[str, int]:
+        return {k: compute_num_bb(self._conf(k), self.conf_th, self.min_bb, self.max_bb)
+                for k in self._keys()}
+
+    def _conf(self, fname: str) -> np.ndarray:
+        dump = self._raw(fname, ("conf",))
+        if "conf" not in dump:
+            raise DbError(f"image db {self.db_path}: record {fname!r} lacks 'conf'")
+        return np.asarray(dump["conf"])
+
+    def nbb(self, fname: str) -> int:
+        if self._fixed_nbb is not None:
+            return self._fixed_nbb
+        try:
+            return self.name2nbb[fname]
+        except KeyError:
+            raise DbError(f"image db {self.img_dir}: no box count for image {fname!r}") from None
+
+    def names(self) -> List[str]:
+        return list(self.name2nbb) if self.name2nbb is not None else self._keys()
+
+    def _raw(self, fname: str, keys: Iterable[str] = ("conf",)) -> Dict[str, np.ndarray]:
+        """Decode the requested arrays of one record (absent keys are left out)."""
+        raw = self._env.get(fname)
+        try:
+            if self.compress:
+                with io.BytesIO(raw) as reader, np.load(reader, allow_pickle=False) as npz:
+                    dump = {k: npz[k] for k in keys if k in npz.files}
+            else:
+                dump = msgpack.loads(raw, raw=False, object_hook=msgpack_numpy.decode)
+        except Exception as e:
+            raise DbError(f"image db {self.db_path}: corrupt record {fname!r} "
+                          f"({type(e).__name__}: {e})") from None
+        if not isinstance(dump, dict):
+            raise DbError(f"image db {self.db_path}: record {fname!r} is not a dict")
+        return dump
+
+    def get_dump(self, fname: str, with_soft_labels: bool = True) -> Dict[str, np.ndarray]:
+        """Validated record cut to this image's box count, float32.
+
+        Keys: ``features`` [nbb, d], ``norm_bb`` [nbb, 6], and (if requested)
+        ``soft_labels`` [nbb, label_dim].
+        """
+        need = ["features", "norm_bb"] + (["soft_labels"] if with_soft_labels else [])
+        dump = self._raw(fname, need)
+        nbb = self.nbb(fname)
+        where = f"image db {self.db_path}: record {fname!r}"
+        out = {}
+        for key in need:
+            if key not in dump:
+                raise DbError(f"{where} lacks {key!r}")
+            arr = np.asarray(dump[key])
+            if arr.ndim != 2:
+                raise DbError(f"{where}: {key} must be 2-D, got shape {arr.shape}")
+            if arr.shape[0] < nbb:
+                raise DbError(f"{where}: {key} has {arr.shape[0]} rows but {nbb} boxes are "
+                              "required")
+            arr = arr[:nbb].astype(np.float32)
+            if not np.isfinite(arr).all():
+                raise DbError(f"{where}: {key} contains NaN or inf")
+            out[key] = arr
+        if out["norm_bb"].shape[1] != 6:
+            raise DbError(f"{where}: norm_bb must have 6 columns, got {out['norm_bb'].shape}")
+        if self.img_dim is not None and out["features"].shape[1] != self.img_dim:
+            raise DbError(f"{where}: features have dim {out['features'].shape[1]}, "
+                          f"expected {self.img_dim}")
+        if nbb < 1:
+            raise DbError(f"{where}: image has no boxes")
+        return out
+
+    def __getitem__(self, fname: str) -> Tuple[np.ndarray, np.ndarray]:
+        d = self.get_dump(fname, with_soft_labels=False)
+        return d["features"], d["norm_bb"]
+
+
+# ----------------------------------------------------------------------------- writers
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def write_txt_db(db_dir: str, examples: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> None:
+    """Write a text db in UNITER's format.  ``examples``: id -> dict with at least
+    ``input_ids`` (list of int) and ``img_fname`` (str)."""
+    os.makedirs(db_dir, exist_ok=True)
+    env = lmdb.open(db_dir, map_size=_MAP_SIZE, subdir=True)
+    id2len, txt2img, img2txts = {}, {}, {}
+    with env.begin(write=True) as txn:
+        for id_, ex in examples.items():
+            txn.put(id_.encode("utf-8"), lz4_compress(msgpack.dumps(ex, use_bin_type=True)))
+            id2len[id_] = len(ex["input_ids"])
+            txt2img[id_] = ex["img_fname"]
+            img2txts.setdefault(ex["img_fname"], []).append(id_)
+    env.close()
+    _atomic_json(os.path.join(db_dir, "id2len.json"), id2len)
+    _atomic_json(os.path.join(db_dir, "txt2img.json"), txt2img)
+    _atomic_json(os.path.join(db_dir, "img2txts.json"), img2txts)
+    _atomic_json(os.path.join(db_dir, "meta.json"), meta)
+
+
+def write_img_db(img_dir: str, dumps: Dict[str, Dict[str, np.ndarray]], conf_th: float = 0.2,
+                 max_bb: int = 100, min_bb: int = 10, num_bb: int = 36,
+                 compress: bool = True) -> Dict[str, int]:
+    """Write an image db like UNITER's ``scripts/convert_imgdir.py``: float32
+    arrays stored as fp16, records cut to the dynamic box count, ``__keys__``
+    and the ``nbb_*.json`` file.  Returns name -> nbb."""
+    name = img_db_name(conf_th, max_bb, min_bb, num_bb, compress)
+    path = os.path.join(img_dir, name)
+    os.makedirs(path, exist_ok=True)
+    env = lmdb.open(path, map_size=_MAP_SIZE, subdir=True)
+    name2nbb = {}
+    with env.begin(write=True) as txn:
+        for fname, dump in dumps.items():
+            nbb = (int(num_bb) if conf_th == -1
+                   else compute_num_bb(dump["conf"], conf_th, min_bb, max_bb))
+            rec = {}
+            for k, arr in dump.items():
+                arr = np.asarray(arr)
+                if arr.dtype == np.float32:
+                    arr = arr.astype(np.float16)
+                rec[k] = arr[:nbb]
+            if compress:
+                with io.BytesIO() as w:
+                    np.savez_compressed(w, **rec)
+                    val = w.getvalue()
+            else:
+                val = msgpack.dumps(rec, use_bin_type=True, default=msgpack_numpy.encode)
+            txn.put(fname.encode("utf-8"), val)
+            name2nbb[fname] = nbb
+        txn.put(b"__keys__", json.dumps(list(name2nbb)).encode("utf-8"))
+    env.close()
+    if conf_th != -1:
+        _atomic_json(os.path.join(img_dir, nbb_file_name(conf_th, max_bb, min_bb)), name2nbb)
+    return name2nbb
