@@ -17,3 +17,16 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tag tests gated by ``requires_cuda`` with the ``cuda`` marker, so that
+    ``pytest tests -m cuda`` selects exactly the GPU subset (used by
+    benchmarks/device_check.sh); a test marked ``cuda`` directly is skipped
+    without a GPU."""
+    for item in items:
+        if any(m == requires_cuda.mark for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+        elif item.get_closest_marker("cuda") is not None and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
