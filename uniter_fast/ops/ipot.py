@@ -3,7 +3,16 @@
 ``ipot(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1, *, backend="auto")``
 returns the transport plan [B, N, M] (float32); ``optimal_transport_dist``
 returns UNITER's WRA distance per example with gradient through the cost only.
+
+Backends (``backend=``): ``"cuda"`` (csrc/ipot_cuda.cu, one block per
+example), ``"triton"`` (kernels/ipot_triton.py, one program per example; on
+CPU only under TRITON_INTERPRET=1 and never picked by "auto" there),
+``"cpp"`` (csrc/ipot_cpu.cpp, OpenMP over examples: the CPU fast path),
+``"reference"`` (plain PyTorch).  ``"auto"`` takes the first available in
+that order for the tensors' device.
 """
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -18,7 +27,86 @@ def _reference():
     return _ref.ipot
 
 
+# --- cpp: OpenMP C++ kernel (csrc/ipot_cpu.cpp), the CPU fast path
+CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _cpp_available(device, dtype):
+    if device.type != "cpu":
+        return f"runs on CPU tensors, not {device.type}"
+    if dtype not in CPP_DTYPES:
+        return f"needs a float cost, got {dtype}"
+    from .. import _ext
+    return _ext.cpu_unavailable_reason()
+
+
+def _cpp():
+    from .. import _ext
+    mod = _ext.cpu_module()
+
+    def ipot_cpp(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+        return mod.ipot_cpu(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
+                            _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
+    return ipot_cpp
+
+
+# --- cuda: one thread block per example (csrc/ipot_cuda.cu)
+def _cuda_available(device, dtype):
+    if device.type != "cuda":
+        return f"runs on CUDA tensors, not {device.type}"
+    if dtype not in CPP_DTYPES:
+        return f"needs a float cost, got {dtype}"
+    from .. import _ext
+    return _ext.cuda_unavailable_reason()
+
+
+def _cuda():
+    from .. import _ext
+    mod = _ext.cuda_module()
+
+    def ipot_cuda(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+        return mod.ipot_cuda(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
+                             _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
+    return ipot_cuda
+
+
+# --- triton: one program per example (kernels/ipot_triton.py)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_available(device, dtype):
+    if dtype not in TRITON_DTYPES:
+        return f"needs a fp32/fp16/bf16 cost, got {dtype}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"runs on CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}"
+
+
+def _triton_auto(device, dtype):
+    # "auto" never picks the interpreter: on CPU it is a test tool
+    return device.type == "cuda"
+
+
+def _triton():
+    from uniter_fast.kernels import ipot_triton
+
+    def ipot_tri(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+        return ipot_triton.ipot(C, _ref._as_pad(txt_pad, "txt_pad"),
+                                _ref._as_pad(img_pad, "img_pad"), beta, iteration, k)
+    return ipot_tri
+
+
 _registry.register(OP, "reference", _reference, priority=0)
+_registry.register(OP, "cpp", _cpp, available=_cpp_available, priority=10)
+_registry.register(OP, "triton", _triton, available=_triton_available, priority=20,
+                   auto=_triton_auto)
+_registry.register(OP, "cuda", _cuda, available=_cuda_available, priority=30)
 
 
 def _check_plan_inputs(C, txt_pad, img_pad, beta, iteration, k):
