@@ -1,0 +1,112 @@
+"""IPOT (WRA transport plan) benchmarks: every registered backend against the
+reference, at UNITER's shapes (B in {32, 256, 1024}, 60 text x 100 regions,
+50 iterations, k=1), cost from random embeddings with random padding.
+
+On CUDA the reference is also timed captured in a CUDA graph and compiled
+with torch.compile, as stronger baselines of plain PyTorch.
+"""
+import functools
+
+import pytest
+import torch
+
+import benchutil as bu
+from uniter_fast import ops
+from uniter_fast import reference as ref
+
+OP = "ipot"
+M_TXT, N_IMG, ITERS, BETA, K = (7, 9, 5, 0.5, 1) if bu.SMOKE else (60, 100, 50, 0.5, 1)
+BATCHES = (3,) if bu.SMOKE else (32, 256, 1024)
+EXTRA = ("reference+cudagraph", "reference+compile")
+BACKENDS = list(bu.registered(OP)) + list(EXTRA)
+
+
+@functools.lru_cache(maxsize=None)
+def inputs(b: int):
+    g = torch.Generator().manual_seed(1000 + b)
+    tl = bu.lengths(b, max(1, M_TXT // 3), M_TXT, g)
+    il = bu.lengths(b, max(1, N_IMG // 10), N_IMG, g)
+    txt_pad = bu.pad_mask(tl, M_TXT, padded=True)
+    img_pad = bu.pad_mask(il, N_IMG, padded=True)
+    txt = torch.randn(b, M_TXT, 64, generator=g)
+    img = torch.randn(b, N_IMG, 64, generator=g)
+    cost = ref.cost_matrix_cosine(txt, img)
+    cost = cost.masked_fill(txt_pad.bool()[:, :, None] | img_pad.bool()[:, None, :], 0)
+    assert cost.abs().sum() > 0
+    return tuple(t.to(bu.DEVICE) for t in (cost, txt_pad, img_pad))
+
+
+def _reference_call(cost, txt_pad, img_pad):
+    return lambda: ops.ipot(cost, txt_pad, img_pad, BETA, ITERS, K, backend="reference")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    # dynamic=True: one compilation serves all batch sizes
+    return torch.compile(ref.ipot, dynamic=True)
+
+
+def _graphed_reference(cost, txt_pad, img_pad):
+    """Replay of the reference captured in a CUDA graph (inputs are static)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            ref.ipot(cost, txt_pad, img_pad, BETA, ITERS, K)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ref.ipot(cost, txt_pad, img_pad, BETA, ITERS, K)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref.ipot(cost, txt_pad, img_pad, BETA, ITERS, K)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+    return graph.replay
+
+
+def fast_call(backend, cost, txt_pad, img_pad):
+    if backend == "reference+cudagraph":
+        return _graphed_reference(cost, txt_pad, img_pad)
+    if backend == "reference+compile":
+        fn = _compiled_reference()
+        return lambda: fn(cost, txt_pad, img_pad, BETA, ITERS, K)
+    return lambda: ops.ipot(cost, txt_pad, img_pad, BETA, ITERS, K, backend=backend)
+
+
+def _skip(backend):
+    if backend in EXTRA:
+        if not bu.ON_CUDA:
+            return f"{backend}: CUDA-only baseline"
+        if backend == "reference+compile" and not bu.WITH_COMPILE:
+            return "torch.compile baselines disabled (UNITER_FAST_BENCH_COMPILE=0)"
+        return None
+    return bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
+
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipot(benchmark, collector, backend, b):
+    reason = _skip(backend)
+    if reason:
+        pytest.skip(reason)
+    cost, txt_pad, img_pad = inputs(b)
+    benchmark.group = f"ipot B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type}"
+    fast = fast_call(backend, cost, txt_pad, img_pad)
+    # a fast path must compute the same plan before it is timed
+    plan = ops.ipot(cost, txt_pad, img_pad, BETA, ITERS, K, backend="reference")
+    if backend != "reference+cudagraph":  # (the graph checks itself when captured)
+        torch.testing.assert_close(fast(), plan, rtol=2e-3, atol=1e-6)
+    baselines = {} if backend == "reference" else {"reference": _reference_call(cost, txt_pad, img_pad)}
+    timing = bu.measure(benchmark, fast, baselines,
+                        warmup=3 if backend == "reference+compile" else None)
+    numel = b * M_TXT * N_IMG
+    rec = bu.make_record(
+        op=OP, group=benchmark.group, mode="fwd", backend=backend, dtype=torch.float32,
+        shape={"B": b, "M": M_TXT, "N": N_IMG, "iteration": ITERS, "k": K, "beta": BETA},
+        timing=timing, headline=True, sweep={"batch": b},
+        # floor: read C once, read the two pad masks, write the plan once
+        bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG),
+        # per iteration: A*T, two mat-vecs, the plan update (~7 flop/entry)
+        flops=numel * (7 * ITERS * K + 2))
+    bu.attach(benchmark, rec)
+    collector.add(rec)

@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Turn benchmark result files into plots and the README performance table.
+
+    python benchmarks/report.py                       # all benchmarks/results/*.json
+    python benchmarks/report.py run.json --plots-dir out/
+    python benchmarks/report.py --readme README.md    # rewrite the table in place
+
+The table goes between ``<!-- perf-table:begin -->`` and
+``<!-- perf-table:end -->``; nothing else in the README is touched.  One
+table row per headline benchmark and fast backend, from the newest result
+file of each device; every row names its device and date.  Plots: one PNG
+per result file and op, speed-up over the reference against batch size and
+against sequence length (one line per backend).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN = "<!-- perf-table:begin -->"
+END = "<!-- perf-table:end -->"
+OP_ORDER = ("model", "attention", "ipot", "layer_norm", "gelu")
+TASK_ORDER = ("mlm", "mrfr", "mrc-kl", "mrc", "itm", "mixed")
+MODE_ORDER = ("fwd", "fwd+bwd")
+SWEEP_LABEL = {"batch": "batch size", "seq": "sequence length (padded)"}
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path: str) -> Dict[str, object]:
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or "env" not in doc or "results" not in doc:
+        raise ValueError(f"{path}: not a uniter_fast benchmark result file (needs env, results)")
+    for r in doc["results"]:
+        for key in ("op", "mode", "backend", "median_s", "speedup", "shape"):
+            if key not in r:
+                raise ValueError(f"{path}: a result has no {key!r}: {r}")
+    doc["_path"] = path
+    return doc
+
+
+def device_name(doc: Dict[str, object]) -> str:
+    env = doc["env"]
+    return str(env.get("device_name") or env.get("card") or env.get("cpu_model"))
+
+
+def run_date(doc: Dict[str, object]) -> str:
+    return str(doc.get("created", ""))[:10]
+
+
+def newest_per_device(docs: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    best: Dict[str, Dict[str, object]] = {}
+    for d in docs:
+        key = device_name(d)
+        if key not in best or str(d.get("created", "")) > str(best[key].get("created", "")):
+            best[key] = d
+    # GPU results first, then CPU
+    return sorted(best.values(), key=lambda d: (d["env"].get("device_type") != "cuda",
+                                                device_name(d)))
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def fmt_si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def describe(r: Dict[str, object]) -> Tuple[str, str]:
+    """(benchmark name, shape text) of a result row."""
+    s, op, dt = r["shape"], r["op"], r.get("dtype", "")
+    if op == "model":
+        name = f"model step {s.get('task')}"
+        shape = (f"{s.get('config')} ({s.get('layers')} layers, hidden {s.get('hidden')}), "
+                 f"B={s.get('B')}, {s.get('precision', dt)}")
+    elif op == "attention":
+        name = f"attention {r['mode']}"
+        shape = (f"B={s['B']} H={s['H']} D={s['D']} L={s['len_min']}..{s['len_max']}, {dt}")
+    elif op == "ipot":
+        name = "ipot (WRA plan)"
+        shape = f"B={s['B']} {s['M']}×{s['N']} it={s['iteration']}, {dt}"
+    else:
+        name = f"{op} {r['mode']}"
+        shape = ", ".join(f"{k}={v}" for k, v in s.items()) + f", {dt}"
+    return name, shape
+
+
+def throughput(r: Dict[str, object]) -> str:
+    parts = []
+    if "tokens_per_s" in r:
+        parts.append(fmt_si(r["tokens_per_s"], "tok/s"))
+    if "gbps" in r:
+        parts.append(f"{r['gbps']:.3g} GB/s")
+    if r.get("peak_mem_bytes"):
+        parts.append(f"{r['peak_mem_bytes'] / 2**30:.2f} GiB peak")
+    return ", ".join(parts) or "–"
+
+
+def _row_key(r: Dict[str, object]):
+    op = r["op"]
+    s = r["shape"]
+    return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op,
+            TASK_ORDER.index(s["task"]) if s.get("task") in TASK_ORDER else 9, MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else 9,
+            s.get("B", 0), r["backend"])
+
+
+def table(docs: Sequence[Dict[str, object]]) -> str:
+    """Markdown table of the headline results, newest file per device."""
+    lines = ["| Benchmark | Shape | Backend | Time (median) | Reference | Speed-up | "
+             "Throughput | Device | Date |",
+             "|---|---|---|---:|---:|---:|---|---|---|"]
+    for doc in newest_per_device(docs):
+        dev, date = device_name(doc), run_date(doc)
+        rows = [r for r in doc["results"] if r.get("headline") and r["backend"] != "reference"
+                and "reference" in r["speedup"]]
+        for r in sorted(rows, key=_row_key):
+            name, shape = describe(r)
+            ref_t = r["baselines"]["reference"]["median_s"]
+            speed = f"**{r['speedup']['reference']:.2f}×**"
+            others = [f"{v:.2f}× vs {k}" for k, v in r["speedup"].items() if k != "reference"]
+            if others:
+                speed += " (" + ", ".join(others) + ")"
+            lines.append(f"| {name} | {shape} | {r['backend']} | {fmt_time(r['median_s'])} | "
+                         f"{fmt_time(ref_t)} | {speed} | {throughput(r)} | {dev} | {date} |")
+    if len(lines) == 2:
+        raise ValueError("no headline results with a reference baseline in the given files")
+    src = ", ".join(sorted(os.path.basename(d["_path"]) for d in newest_per_device(docs)))
+    lines.append("")
+    lines.append(f"<sub>Generated by `python benchmarks/report.py --readme README.md` from "
+                 f"{src}. Speed-up = reference median / backend median, timed in the same run "
+                 f"on the same inputs.</sub>")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(path: str, text: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        old = f.read()
+    i, j = old.find(BEGIN), old.find(END)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(f"{path}: markers {BEGIN} ... {END} not found (in that order)")
+    new = old[:i + len(BEGIN)] + "\n" + text + old[j:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+# ---------------------------------------------------------------- plots
+
+def sweep_series(doc: Dict[str, object], op: str
+                 ) -> Dict[Tuple[str, str], Dict[str, List[Tuple[float, float]]]]:
+    """{(sweep, mode): {backend: [(x, speed-up vs reference), ...]}}."""
+    out: Dict[Tuple[str, str], Dict[str, List[Tuple[float, float]]]] = {}
+    for r in doc["results"]:
+        if r["op"] != op or "reference" not in r["speedup"]:
+            continue
+        for sweep, x in (r.get("sweep") or {}).items():
+            series = out.setdefault((sweep, r["mode"]), {})
+            series.setdefault(r["backend"], []).append((float(x), r["speedup"]["reference"]))
+    for series in out.values():
+        for pts in series.values():
+            pts.sort()
+    return out
+
+
+def plot(doc: Dict[str, object], out_dir: str) -> List[str]:
+    """One PNG per op with a sweep; returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = os.path.splitext(os.path.basename(doc["_path"]))[0]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    ops = sorted({r["op"] for r in doc["results"]},
+                 key=lambda o: OP_ORDER.index(o) if o in OP_ORDER else len(OP_ORDER))
+    for op in ops:
+        panels = sweep_series(doc, op)
+        panels = {k: v for k, v in panels.items() if any(len(p) >= 1 for p in v.values())}
+        if not panels:
+            continue
+        keys = sorted(panels, key=lambda k: (k[0], MODE_ORDER.index(k[1])
+                                             if k[1] in MODE_ORDER else 9))
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            sweep, mode = key
+            for backend, pts in sorted(panels[key].items()):
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=backend)
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(SWEEP_LABEL.get(sweep, sweep))
+            ax.set_ylabel("speed-up vs reference (×)")
+            ax.set_title(f"{op} {mode}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{device_name(doc)} — {run_date(doc)}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{stem}_{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="*", help="result JSON files (default: benchmarks/results/*.json)")
+    ap.add_argument("--plots-dir", default=None,
+                    help="where PNGs go (default: next to each result file)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--readme", default=None, help="rewrite the table between the perf-table markers")
+    ap.add_argument("--table-out", default=None, help="also write the table to this file")
+    ap.add_argument("--include-smoke", action="store_true",
+                    help="accept results of smoke runs (tiny shapes)")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+
+    files = args.files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
+    if not files:
+        print("no result files", file=sys.stderr)
+        return 1
+    docs = []
+    for f in files:
+        d = load(f)
+        if d["env"].get("smoke") and not args.include_smoke:
+            print(f"skipping smoke-run file {f}", file=sys.stderr)
+            continue
+        docs.append(d)
+    if not docs:
+        print("no usable result files", file=sys.stderr)
+        return 1
+    if not args.no_plots:
+        for d in docs:
+            for p in plot(d, args.plots_dir or os.path.dirname(os.path.abspath(d["_path"]))):
+                print(f"wrote {p}", file=sys.stderr)
+    text = table(docs)
+    if args.table_out:
+        with open(args.table_out, "w", encoding="utf-8") as f:
+            f.write(text)
+    if args.readme:
+        write_readme(args.readme, text)
+        print(f"updated {args.readme}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

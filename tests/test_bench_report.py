@@ -1,0 +1,192 @@
+"""benchmarks/report.py: result files -> README table and plots (on sample files)."""
+import copy
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", os.path.join(ROOT, "benchmarks", "report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load_report()
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _row(op, backend, median_s, ref_s=None, *, mode="fwd", shape=None, headline=True,
+         sweep=None, extra=None, others=None):
+    r = {"op": op, "group": f"{op} {mode}", "mode": mode, "backend": backend,
+         "device": "cuda", "dtype": "bfloat16", "shape": shape or {}, "median_s": median_s,
+         "min_s": median_s, "iqr_s": 0.0, "rounds": 10, "baselines": {}, "speedup": {},
+         "headline": headline, "sweep": sweep or {}}
+    for name, t in ([("reference", ref_s)] if ref_s else []) + list((others or {}).items()):
+        r["baselines"][name] = {"median_s": t, "rounds": 10}
+        r["speedup"][name] = t / median_s
+    r.update(extra or {})
+    return r
+
+
+ATT = {"B": 128, "H": 12, "D": 64, "S": 170, "len_min": 96, "len_max": 170, "real_tokens": 17000}
+SAMPLE = {
+    "schema": 1, "created": "2026-11-20T10:00:00",
+    "env": {"device_type": "cuda", "card": H100, "device_name": H100, "threads": 16,
+            "cpu_model": "Intel Xeon", "torch": "2.11.0", "triton": "3.6.0", "smoke": False},
+    "results": [
+        _row("attention", "triton", 1.2e-3, 3.0e-3, shape=ATT, sweep={"batch": 128, "seq": 170},
+             others={"sdpa": 1.5e-3}, extra={"gbps": 1500.0}),
+        _row("attention", "sdpa", 1.5e-3, 3.0e-3, shape=ATT, sweep={"batch": 128, "seq": 170}),
+        _row("attention", "reference", 3.0e-3, shape=ATT, sweep={"batch": 128}),
+        _row("attention", "triton", 0.5e-3, 0.8e-3, shape=dict(ATT, B=32), headline=False,
+             sweep={"batch": 32}),
+        _row("attention", "triton", 4.0e-3, 2.0e-3, mode="fwd+bwd", shape=ATT,
+             sweep={"batch": 128}),
+        _row("ipot", "cuda", 80e-6, 8e-3,
+             shape={"B": 256, "M": 60, "N": 100, "iteration": 50, "k": 1, "beta": 0.5},
+             sweep={"batch": 256}, extra={"gbps": 150.0}),
+        _row("model", "auto", 0.25, 0.5,
+             shape={"task": "itm", "B": 64, "config": "uniter-base", "layers": 12, "hidden": 768,
+                    "precision": "bf16-autocast"},
+             extra={"tokens_per_s": 34567.0, "peak_mem_bytes": 3 * 2**30}),
+    ],
+}
+
+
+def _write(tmp_path, name, doc):
+    p = tmp_path / name
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def _older():
+    d = copy.deepcopy(SAMPLE)
+    d["created"] = "2026-11-01T09:00:00"
+    d["results"] = [_row("ipot", "cuda", 1.0, 7.0,
+                         shape={"B": 999, "M": 60, "N": 100, "iteration": 50})]
+    return d
+
+
+def _cpu():
+    d = copy.deepcopy(SAMPLE)
+    d["created"] = "2026-11-27T12:00:00"
+    d["env"] = {"device_type": "cpu", "card": None, "cpu_model": "AMD EPYC", "threads": 2,
+                "device_name": "CPU AMD EPYC (2 threads)", "smoke": False}
+    d["results"] = [_row("ipot", "cpp", 2e-3, 9e-3,
+                         shape={"B": 32, "M": 60, "N": 100, "iteration": 50})]
+    return d
+
+
+def test_table_rows_come_from_headline_fast_backends_of_newest_file(tmp_path):
+    docs = [report.load(_write(tmp_path, n, d)) for n, d in
+            (("new.json", SAMPLE), ("old.json", _older()), ("cpu.json", _cpu()))]
+    text = report.table(docs)
+    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| Benchmark")]
+    # SAMPLE: triton fwd, sdpa fwd, triton fwd+bwd, ipot cuda, model auto; CPU file: ipot cpp
+    assert len(rows) == 6
+    assert not any("| reference |" in r for r in rows)      # baselines are not rows
+    assert not any("B=32 H=12" in r for r in rows)          # non-headline sweep point
+    assert not any("B=999" in r for r in rows)              # older file of the same card
+    for r in rows[:5]:
+        assert r.endswith(f"| {H100} | 2026-11-20 |")
+    assert rows[5].endswith("| CPU AMD EPYC (2 threads) | 2026-11-27 |")  # GPU rows first
+    # model first, then attention fwd, fwd+bwd, then ipot
+    assert rows[0].startswith("| model step itm | uniter-base")
+    assert "| auto | 250.00 ms | 500.00 ms | **2.00×** |" in rows[0]
+    assert "34.6 ktok/s" in rows[0] and "3.00 GiB peak" in rows[0]
+    triton_fwd = [r for r in rows if r.startswith("| attention fwd |") and "| triton |" in r]
+    assert len(triton_fwd) == 1
+    assert "| 1.20 ms | 3.00 ms | **2.50×** (1.25× vs sdpa) | 1.5e+03 GB/s |" in triton_fwd[0]
+    slower = [r for r in rows if r.startswith("| attention fwd+bwd |")][0]
+    assert "**0.50×**" in slower                            # slow-downs are shown as such
+    ipot = [r for r in rows if r.startswith("| ipot")][0]
+    assert "B=256 60×100 it=50" in ipot and "80.0 µs" in ipot and "**100.00×**" in ipot
+    assert "new.json" in text and "cpu.json" in text and "old.json" not in text
+
+
+def test_readme_markers_rewritten_in_place(tmp_path):
+    readme = tmp_path / "README.md"
+    before = "# Title\n\nintro\n\n"
+    after = "\n\n## Later\ntext\n"
+    readme.write_text(before + report.BEGIN + "\nstale | table\n" + report.END + after)
+    doc = report.load(_write(tmp_path, "r.json", SAMPLE))
+    report.write_readme(str(readme), report.table([doc]))
+    once = readme.read_text()
+    assert once.startswith(before + report.BEGIN + "\n| Benchmark |")
+    assert once.endswith(report.END + after)
+    assert "stale" not in once and "**2.50×**" in once
+    report.write_readme(str(readme), report.table([doc]))
+    assert readme.read_text() == once                         # idempotent
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    with pytest.raises(ValueError, match="perf-table"):
+        report.write_readme(str(readme), "| x |\n")
+    assert readme.read_text() == "# no markers here\n"
+
+
+def test_sweep_series_and_plots(tmp_path):
+    doc = report.load(_write(tmp_path, "r.json", SAMPLE))
+    series = report.sweep_series(doc, "attention")
+    assert set(series) == {("batch", "fwd"), ("seq", "fwd"), ("batch", "fwd+bwd")}
+    assert series[("batch", "fwd")]["triton"] == [(32.0, pytest.approx(1.6)),
+                                                  (128.0, pytest.approx(2.5))]
+    assert "reference" not in series[("batch", "fwd")]      # no ratio of its own
+    paths = report.plot(doc, str(tmp_path / "plots"))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["r_attention.png", "r_ipot.png"]          # model has no sweep
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 5000
+
+
+def test_cli_writes_table_and_skips_smoke_runs(tmp_path, capsys):
+    smoke = copy.deepcopy(SAMPLE)
+    smoke["env"]["smoke"] = True
+    smoke["created"] = "2026-12-31T00:00:00"                 # newer, but a smoke run
+    smoke["results"][0]["speedup"]["reference"] = 99.0
+    files = [_write(tmp_path, "real.json", SAMPLE), _write(tmp_path, "smoke.json", smoke)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.BEGIN}\n{report.END}\n")
+    rc = report.main(files + ["--no-plots", "--readme", str(readme),
+                              "--table-out", str(tmp_path / "t.md")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "**2.50×**" in out and "99.00×" not in out
+    assert (tmp_path / "t.md").read_text() in readme.read_text()
+    assert report.main([files[1], "--no-plots"]) == 1        # nothing usable
+    assert report.main([files[1], "--no-plots", "--include-smoke"]) == 0
+    assert "99.00×" in capsys.readouterr().out
+
+
+def test_malformed_files_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="env, results"):
+        report.load(_write(tmp_path, "a.json", {"results": []}))
+    bad = copy.deepcopy(SAMPLE)
+    del bad["results"][0]["median_s"]
+    with pytest.raises(ValueError, match="median_s"):
+        report.load(_write(tmp_path, "b.json", bad))
+    empty = copy.deepcopy(SAMPLE)
+    empty["results"] = [r for r in empty["results"] if r["backend"] == "reference"]
+    with pytest.raises(ValueError, match="no headline results"):
+        report.table([report.load(_write(tmp_path, "c.json", empty))])
+
+
+def test_formatting():
+    assert report.fmt_time(1.5) == "1.50 s"
+    assert report.fmt_time(2.5e-3) == "2.50 ms"
+    assert report.fmt_time(7.25e-6) == "7.2 µs"
+    assert report.fmt_si(34567.0, "tok/s") == "34.6 ktok/s"
+    assert report.fmt_si(12.0, "tok/s") == "12 tok/s"
+    assert math.isclose(SAMPLE["results"][0]["speedup"]["reference"], 2.5)

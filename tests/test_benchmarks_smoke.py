@@ -1,0 +1,216 @@
+"""The benchmarks cannot rot: run `pytest benchmarks --benchmark-only` in smoke
+mode (tiny shapes, one round) and check what it measured and wrote; check the
+timing helper's ratio and the synthetic UNITER batches on their own."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import batches as bb  # noqa: E402
+import benchutil as bu  # noqa: E402
+import report  # noqa: E402
+
+import uniter_fast  # noqa: E402
+from uniter_fast import ops  # noqa: E402
+
+
+def _run_benchmarks(tmp_path, device):
+    env = dict(os.environ, UNITER_FAST_BENCH_SMOKE="1", UNITER_FAST_BENCH_DEVICE=device,
+               OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("UNITER_FAST_BENCH_RESULTS", None)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-rs",
+         "-p", "no:cacheprovider", "--results-dir", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
+def _expected_backends(op):
+    """Benchmarked on CPU: available here and not the Triton interpreter."""
+    return {b for b in ops.available_backends(op, "cpu", torch.float32) if "triton" not in b}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run of the benchmarks")
+def test_benchmarks_smoke_run_on_cpu(tmp_path):
+    proc, out = _run_benchmarks(tmp_path, "cpu")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, log[-2000:]
+    name = files[0].name
+    assert name.endswith("_smoke.json") and "cpu" in name
+    doc = json.loads(files[0].read_text())
+    env = doc["env"]
+    assert env["device_type"] == "cpu" and env["smoke"] is True
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["cpu_model"]
+    res = doc["results"]
+    assert {r["op"] for r in res} == {"attention", "ipot", "layer_norm", "gelu", "model"}
+    for op in ("attention", "ipot", "layer_norm", "gelu"):
+        got = {r["backend"] for r in res if r["op"] == op}
+        assert got == _expected_backends(op), (op, got)
+    assert {r["shape"]["task"] for r in res if r["op"] == "model"} == \
+        {"mlm", "mrfr", "mrc-kl", "itm", "mixed"}
+    for r in res:
+        assert r["device"] == "cpu"
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        if r["backend"] == "reference":
+            assert r["speedup"] == {}
+            continue
+        assert set(r["speedup"]) >= {"reference"}
+        ref_t = r["baselines"]["reference"]["median_s"]
+        assert r["speedup"]["reference"] == pytest.approx(ref_t / r["median_s"])
+        if r["op"] == "model":
+            assert r["tokens"] > 0
+            assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
+        else:
+            assert r["gbps"] == pytest.approx(r["bytes_floor"] / r["median_s"] / 1e9)
+    # the pytest-benchmark table and the speed-up summary are printed
+    assert "speed-ups" in log and "results written to" in log
+    # the report turns this file into a table and plots
+    assert report.main([str(files[0]), "--include-smoke", "--plots-dir",
+                        str(tmp_path / "plots")]) == 0
+    assert list((tmp_path / "plots").glob("*_attention.png"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_benchmarks_skip_cleanly_without_gpu(tmp_path):
+    proc, out = _run_benchmarks(tmp_path, "cuda")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert " passed" not in log and "skipped" in log
+    assert "no CUDA GPU" in log
+    assert not list(out.glob("*.json"))
+
+
+class _FakeBenchmark:
+    """Stands in for pytest-benchmark's fixture (pedantic with a setup)."""
+
+    def __init__(self):
+        self.rounds = None
+
+    def pedantic(self, target, setup=None, rounds=1, iterations=1, warmup_rounds=0):
+        self.rounds = rounds
+        for _ in range(rounds):
+            if setup:
+                setup()
+            target()
+
+
+def test_measure_ratio_is_baseline_over_fast(monkeypatch):
+    monkeypatch.setattr(bu, "SMOKE", False)
+    monkeypatch.setenv("UNITER_FAST_BENCH_BUDGET", "0.2")
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+        time.sleep(0.002)
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.008)
+
+    fb = _FakeBenchmark()
+    t = bu.measure(fb, fast, {"slow": slow}, warmup=2, device=torch.device("cpu"),
+                   min_rounds=5, max_rounds=7)
+    assert 5 <= fb.rounds <= 7 and t["rounds"] == fb.rounds
+    assert calls == {"fast": fb.rounds + 2, "slow": fb.rounds + 2}   # warm-up untimed
+    assert t["baselines"]["slow"]["rounds"] == fb.rounds
+    assert 0.002 <= t["median_s"] < 0.006
+    assert 2.0 < t["speedup"]["slow"] < 4.5
+
+
+def test_lengths_and_masks():
+    g = torch.Generator().manual_seed(3)
+    lens = bu.lengths(50, 4, 9, g)
+    assert len(lens) == 50 and max(lens) == 9 and min(lens) >= 4
+    m = bu.pad_mask([2, 0, 3], 3, padded=False)
+    assert m.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
+    assert bu.pad_mask([2, 0, 3], 3, padded=True).tolist() == [[0, 0, 1], [1, 1, 1], [0, 0, 0]]
+    with pytest.raises(ValueError):
+        bu.lengths(3, 5, 4, g)
+
+
+def test_skip_rule_excludes_triton_on_cpu_only():
+    for op in ("attention", "ipot"):
+        for be in ops.registered_backends(op):
+            reason = bu.skip_reason(op, be, torch.device("cpu"), torch.float32)
+            if "triton" in be:
+                assert reason and "interpreter" in reason
+            elif be in ops.available_backends(op, "cpu", torch.float32):
+                assert reason is None
+            else:
+                assert reason and "unavailable" in reason
+
+
+@pytest.mark.parametrize("task", bb.TASKS)
+def test_synthetic_batches_follow_uniter_layout(task):
+    b = bb.make_batch(task, 5, (3, 7), (2, 6), vocab_size=50, img_dim=8, img_label_dim=6,
+                      seed=1)
+    ids, attn, gidx = b["input_ids"], b["attn_masks"], b["gather_index"]
+    feat = b["img_feat"]
+    max_tl, max_nbb = ids.size(1), feat.size(1)
+    assert max_tl == 7 and max_nbb == 6
+    assert b["position_ids"].tolist() == [list(range(max_tl))]
+    # lengths from the padding: text ids are > 0, regions have non-zero position features
+    tls = (ids > 0).sum(1).tolist()
+    nbbs = (b["img_pos_feat"].abs().sum(-1) > 0).sum(1).tolist()
+    assert attn.sum(1).tolist() == [t + n for t, n in zip(tls, nbbs)]
+    assert attn.size(1) == max(t + n for t, n in zip(tls, nbbs))
+    # gather_index puts text first, then the regions (stored after max_tl), then padding
+    for i, (t, n) in enumerate(zip(tls, nbbs)):
+        assert attn[i, :t + n].eq(1).all() and attn[i, t + n:].eq(0).all()
+        assert gidx[i, :t].tolist() == list(range(t))
+        assert gidx[i, t:t + n].tolist() == list(range(max_tl, max_tl + n))
+        assert ids[i, t:].eq(0).all()
+    if task == "mlm":
+        lab = b["txt_labels"]
+        assert (lab != -1).sum(1).ge(1).all()
+        assert ((lab != -1) & (ids == 0)).sum() == 0          # only real tokens are masked
+    elif task in ("mrfr", "mrc-kl"):
+        masks, tgt = b["img_masks"], b["img_mask_tgt"]
+        assert masks.sum(1).ge(1).all()
+        assert masks.sum() == tgt.sum()
+        for i, t in enumerate(tls):
+            assert tgt[i, t:t + max_nbb][:nbbs[i]].tolist() == masks[i, :nbbs[i]].tolist()
+        assert feat[masks].abs().sum() == 0                    # masked regions are zeroed
+        if task == "mrfr":
+            assert b["feat_targets"].shape == (int(masks.sum()), 8)
+            assert b["feat_targets"].abs().sum(-1).gt(0).all()
+        else:
+            lt = b["label_targets"]
+            assert lt.shape == (int(masks.sum()), 6)
+            torch.testing.assert_close(lt.sum(-1), torch.ones(lt.size(0)))
+    else:
+        ot = b["ot_inputs"]
+        assert set(b["targets"].tolist()) == {0, 1}
+        assert ot["txt_pad"].tolist() == bu.pad_mask(tls, max_tl, padded=True).tolist()
+        assert ot["img_pad"].tolist() == bu.pad_mask(nbbs, max_nbb, padded=True).tolist()
+        assert ot["scatter_max"] == int(ot["ot_scatter"].max())
+        for i, t in enumerate(tls):   # joint position j >= t goes to max_tl + (j - t)
+            row = ot["ot_scatter"][i]
+            assert row[:t].tolist() == list(range(t))
+            assert row[t:].tolist() == list(range(max_tl, max_tl + attn.size(1) - t))
+
+
+@pytest.mark.parametrize("task", bb.TASKS)
+def test_synthetic_batches_run_through_the_model(task):
+    cfg = uniter_fast.UniterConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32,
+                                   max_position_embeddings=32)
+    model = uniter_fast.UniterForPretraining(cfg, 8, 6).eval()
+    b = bb.make_batch(task, 4, (3, 7), (2, 6), vocab_size=120, img_dim=8, img_label_dim=6,
+                      seed=2)
+    with torch.no_grad():
+        out = model(b, task)
+    loss = uniter_fast.itm_ot_loss(*out, 0.1) if task == "itm" else out.mean()
+    assert torch.isfinite(loss)
