@@ -1,0 +1,346 @@
+"""IPOT backends (C++ CPU, Triton, CUDA) against the reference.
+
+Seeded random sweeps: ≥ 300 C++ cases + Triton (interpreter on CPU) cases,
+awkward sizes, per-example lengths 0 / 1 / full / random, arbitrary padding
+patterns, fp32/fp16/bf16 costs, 1/5/50 iterations, beta in [0.1, 1].
+"""
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import uniter_fast.ops as ops
+from uniter_fast import _ext
+from uniter_fast.reference import ot as ref
+
+from conftest import requires_cuda
+
+PLAN_ATOL = 1e-6
+DIST_RTOL = 1e-5
+
+try:
+    _ext.cpu_module()
+    HAS_CPP = True
+except _ext.ExtensionUnavailableError:
+    HAS_CPP = False
+requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ extension unavailable")
+
+
+def _lengths(rng, B, L):
+    out = []
+    for _ in range(B):
+        r = rng.random()
+        out.append(0 if r < 0.1 else 1 if r < 0.2 else L if r < 0.45 else rng.randint(0, L))
+    return torch.tensor(out)
+
+
+def _pads(rng, B, M, N):
+    tl, il = _lengths(rng, B, M), _lengths(rng, B, N)
+    tp = torch.arange(M)[None] >= tl[:, None]
+    ip = torch.arange(N)[None] >= il[:, None]
+    if rng.random() < 0.25:  # arbitrary (non-suffix) padding on one example
+        g = torch.Generator().manual_seed(rng.randint(0, 2**31))
+        b = rng.randrange(B)
+        tp[b] = torch.rand(M, generator=g) < 0.4
+        ip[b] = torch.rand(N, generator=g) < 0.4
+    return tp, ip
+
+
+def random_case(seed, max_b=64, max_m=64, max_n=128):
+    rng = random.Random(seed)
+    B, M, N = rng.randint(1, max_b), rng.randint(1, max_m), rng.randint(1, max_n)
+    dtype = rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+    iteration = rng.choice([1, 5, 50])
+    beta = rng.uniform(0.1, 1.0)
+    g = torch.Generator().manual_seed(seed)
+    C = (torch.rand(B, M, N, generator=g) * 2).to(dtype)   # cosine-distance range [0, 2]
+    tp, ip = _pads(rng, B, M, N)
+    return C, tp, ip, beta, iteration
+
+
+def _distance(C, T, tp, ip):
+    cost = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
+    return (cost * T.transpose(1, 2)).sum(dim=(1, 2))
+
+
+def assert_matches_reference(C, tp, ip, beta, iteration, T):
+    T_ref = ref.ipot(C, tp, ip, beta, iteration, 1)
+    assert T.shape == T_ref.shape and T.dtype == torch.float32
+    assert not torch.isnan(T).any()
+    err = (T - T_ref).abs().max().item() if T.numel() else 0.0
+    assert err <= PLAN_ATOL, f"plan max abs err {err}"
+    d, d_ref = _distance(C, T, tp, ip), _distance(C, T_ref, tp, ip)
+    assert torch.all((d - d_ref).abs() <= DIST_RTOL * d_ref.abs() + 1e-7), (d, d_ref)
+
+
+def ipot_k_independent(C, tp, ip, beta, iteration, k):
+    """Per-example IPOT written from the paper's updates (used for k > 1,
+    where the reference cannot run): compact real block, no masks."""
+    B, M, N = C.shape
+    out = torch.zeros(B, N, M)
+    for b in range(B):
+        rows = (~tp[b]).nonzero().flatten()
+        cols = (~ip[b]).nonzero().flatten()
+        m, n = len(rows), len(cols)
+        if m == 0 or n == 0:
+            continue
+        A = torch.exp(-C[b].float()[rows][:, cols] / beta)      # [m, n]
+        T = torch.ones(m, n)
+        sigma = torch.full((m,), 1.0 / m)
+        for _ in range(iteration):
+            Q = A * T
+            for _ in range(k):
+                delta = 1.0 / (n * (Q.t() @ sigma))
+                sigma = 1.0 / (m * (Q @ delta))
+            T = delta[None, :] * Q * sigma[:, None]
+        out[b][cols[:, None], rows[None, :]] = T.t()
+    return out
+
+
+# ----------------------------------------------------------------- C++ (native)
+@requires_cpp
+@pytest.mark.parametrize("chunk", range(10))
+def test_cpp_matches_reference_sweep(chunk):
+    """300 seeded random cases, 30 per chunk."""
+    for seed in range(chunk * 30, chunk * 30 + 30):
+        C, tp, ip, beta, iteration = random_case(seed)
+        T = ops.ipot(C, tp, ip, beta, iteration, backend="cpp")
+        assert_matches_reference(C, tp, ip, beta, iteration, T)
+
+
+@requires_cpp
+def test_cpp_large_lengths_and_strides():
+    g = torch.Generator().manual_seed(1)
+    C = torch.rand(3, 150, 140, generator=g).transpose(1, 2) * 2   # non-contiguous [3, 140, 150]
+    tp = torch.arange(140)[None] >= torch.tensor([140, 1, 77])[:, None]
+    ip = torch.arange(150)[None] >= torch.tensor([150, 133, 0])[:, None]
+    assert_matches_reference(C, tp, ip, 0.5, 50, ops.ipot(C, tp, ip, backend="cpp"))
+
+
+@requires_cpp
+@pytest.mark.parametrize("k", [2, 3])
+def test_cpp_k_gt_1(k):
+    C, tp, ip, beta, _ = random_case(1000 + k, max_b=6, max_m=20, max_n=30)
+    T = ops.ipot(C, tp, ip, beta, 5, k, backend="cpp")
+    expect = ipot_k_independent(C, tp, ip, beta, 5, k)
+    assert (T - expect).abs().max().item() <= PLAN_ATOL
+
+
+def test_independent_k1_matches_reference():
+    # the k>1 oracle must agree with the reference where both are defined
+    C, tp, ip, beta, iteration = random_case(7, max_b=5, max_m=12, max_n=20)
+    T = ipot_k_independent(C, tp, ip, beta, iteration, 1)
+    assert (T - ref.ipot(C, tp, ip, beta, iteration, 1)).abs().max().item() <= PLAN_ATOL
+
+
+@requires_cpp
+def test_auto_on_cpu_is_cpp_not_interpreter():
+    from uniter_fast.ops import _registry
+    picked = _registry.resolve("ipot", "auto", torch.device("cpu"), torch.float32)
+    assert picked is _registry.resolve("ipot", "cpp", torch.device("cpu"), torch.float32)
+    C, tp, ip, beta, iteration = random_case(3, max_b=4, max_m=10, max_n=10)
+    assert torch.equal(ops.ipot(C, tp, ip, beta, iteration),
+                       ops.ipot(C, tp, ip, beta, iteration, backend="cpp"))
+
+
+def _emb_case(seed, B=6, M=13, N=21, D=16):
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.randn(B, M, D, generator=g, requires_grad=True)
+    img = torch.randn(B, N, D, generator=g, requires_grad=True)
+    tl = torch.tensor([M, 1, 0, 5, M, 9])[:B]
+    il = torch.tensor([N, 4, 7, 0, 1, 12])[:B]
+    tp = torch.arange(M)[None] >= tl[:, None]
+    ip = torch.arange(N)[None] >= il[:, None]
+    return txt, img, tp, ip
+
+
+def _check_distance_and_grad(backend, device="cpu"):
+    txt, img, tp, ip = _emb_case(11)
+    txt, img = (t.detach().to(device).requires_grad_() for t in (txt, img))
+    tp, ip = tp.to(device), ip.to(device)
+    d = ops.optimal_transport_dist(txt, img, tp, ip, 0.5, 50, 1, backend=backend)
+    w = torch.linspace(0.5, 1.5, d.numel(), device=device)
+    gt, gi = torch.autograd.grad((d * w).sum(), (txt, img))
+    txt_r, img_r = (t.detach().clone().requires_grad_() for t in (txt, img))
+    d_r = ref.optimal_transport_dist(txt_r, img_r, tp, ip, 0.5, 50, 1)
+    gt_r, gi_r = torch.autograd.grad((d_r * w).sum(), (txt_r, img_r))
+    assert not torch.isnan(d).any()
+    assert torch.all((d - d_r).abs() <= DIST_RTOL * d_r.abs() + 1e-7)
+    assert d[2] == 0 and d[3] == 0  # empty text / empty image
+    torch.testing.assert_close(gt, gt_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gi, gi_r, atol=1e-6, rtol=1e-5)
+    assert gt.abs().sum() > 0
+
+
+@requires_cpp
+def test_cpp_distance_and_gradient():
+    _check_distance_and_grad("cpp")
+
+
+@requires_cpp
+def test_cpp_bad_input_raises_value_error():
+    mod = _ext.cpu_module()
+    C = torch.rand(2, 3, 4)
+    tp, ip = torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cost C"):
+        mod.ipot_cpu(torch.rand(2, 3), tp, ip, 0.5, 5, 1)
+    with pytest.raises(ValueError, match="txt_pad"):
+        mod.ipot_cpu(C, tp.long(), ip, 0.5, 5, 1)
+    with pytest.raises(ValueError, match="img_pad"):
+        mod.ipot_cpu(C, tp, torch.zeros(2, 5, dtype=torch.bool), 0.5, 5, 1)
+    with pytest.raises(ValueError, match="beta"):
+        mod.ipot_cpu(C, tp, ip, 0.0, 5, 1)
+    with pytest.raises(ValueError, match="iteration"):
+        mod.ipot_cpu(C, tp, ip, 0.5, 0, 1)
+    with pytest.raises(ValueError, match="cost C"):
+        mod.ipot_cpu(C.long(), tp, ip, 0.5, 5, 1)
+    with pytest.raises(ValueError, match="txt_pad"):
+        ops.ipot(C, tp.float(), ip, backend="cpp")   # float pads are not masks
+
+
+def test_ext_missing_sources_is_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(_ext, "csrc_dir", lambda: str(tmp_path))
+    with pytest.raises(_ext.ExtensionUnavailableError, match="no C.. sources"):
+        _ext._jit("uniter_fast_C_test_missing", with_cuda=False)
+
+
+# -------------------------------------------------------- Triton (interpreter)
+triton_ok = pytest.mark.skipif(
+    not (torch.cuda.is_available() or "triton" in ops.available_backends("ipot", "cpu")),
+    reason="triton not runnable here (no GPU and TRITON_INTERPRET unset)")
+
+
+def _triton_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton_ok
+@pytest.mark.parametrize("chunk", range(4))
+def test_triton_matches_reference_sweep(chunk):
+    """40 seeded cases (small: the interpreter is slow)."""
+    dev = _triton_device()
+    for seed in range(5000 + chunk * 10, 5000 + chunk * 10 + 10):
+        C, tp, ip, beta, iteration = random_case(seed, max_b=6, max_m=40, max_n=70)
+        T = ops.ipot(C.to(dev), tp.to(dev), ip.to(dev), beta, iteration, backend="triton")
+        assert_matches_reference(C, tp, ip, beta, iteration, T.cpu())
+
+
+@triton_ok
+def test_triton_streaming_variant_large_tile():
+    # 150 x 140 rounds to a 256 x 256 tile: the streaming (workspace) variant
+    from uniter_fast.kernels import ipot_triton
+    dev = _triton_device()
+    g = torch.Generator().manual_seed(2)
+    C = torch.rand(3, 150, 140, generator=g) * 2
+    tp = torch.arange(150)[None] >= torch.tensor([150, 1, 97])[:, None]
+    ip = torch.arange(140)[None] >= torch.tensor([140, 133, 0])[:, None]
+    assert 256 * 256 > ipot_triton.MAX_REGISTER_TILE
+    T = ops.ipot(C.to(dev), tp.to(dev), ip.to(dev), 0.5, 5, backend="triton").cpu()
+    assert_matches_reference(C, tp, ip, 0.5, 5, T)
+
+
+@triton_ok
+@pytest.mark.parametrize("shape", [(2, 9, 13), (2, 150, 140)])
+def test_triton_k_gt_1(shape):
+    dev = _triton_device()
+    g = torch.Generator().manual_seed(5)
+    C = torch.rand(*shape, generator=g) * 2
+    tp = torch.arange(shape[1])[None] >= torch.tensor([shape[1], 3])[:, None]
+    ip = torch.arange(shape[2])[None] >= torch.tensor([5, shape[2]])[:, None]
+    T = ops.ipot(C.to(dev), tp.to(dev), ip.to(dev), 0.3, 3, 2, backend="triton").cpu()
+    assert (T - ipot_k_independent(C, tp, ip, 0.3, 3, 2)).abs().max().item() <= PLAN_ATOL
+
+
+@triton_ok
+def test_triton_distance_and_gradient():
+    _check_distance_and_grad("triton", _triton_device())
+
+
+@triton_ok
+def test_triton_bad_input_raises_value_error():
+    from uniter_fast.kernels import ipot_triton
+    dev = _triton_device()
+    C = torch.rand(2, 3, 4, device=dev)
+    tp = torch.zeros(2, 3, dtype=torch.bool, device=dev)
+    ip = torch.zeros(2, 4, dtype=torch.bool, device=dev)
+    with pytest.raises(ValueError, match="cost C"):
+        ipot_triton.ipot(C[0], tp, ip)
+    with pytest.raises(ValueError, match="cost C"):
+        ipot_triton.ipot(C.double(), tp, ip)
+    with pytest.raises(ValueError, match="txt_pad"):
+        ipot_triton.ipot(C, tp.int(), ip)
+    with pytest.raises(ValueError, match="img_pad"):
+        ipot_triton.ipot(C, tp, ip[:, :3])
+    with pytest.raises(ValueError, match="beta"):
+        ipot_triton.ipot(C, tp, ip, beta=-1.0)
+    with pytest.raises(ValueError, match="iteration"):
+        ipot_triton.ipot(C, tp, ip, iteration=0)
+
+
+# ------------------------------------------------------------------------ CUDA
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    """Keep csrc/ipot_cuda.cu compiling on machines without a GPU."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    src = os.path.join(_ext.csrc_dir(), "ipot_cuda.cu")
+    obj = tmp_path / "ipot_cuda.o"
+    res = subprocess.run([nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
+                          "-gencode", "arch=compute_90,code=sm_90", "-Werror", "all-warnings"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert obj.stat().st_size > 0
+
+
+def test_cuda_backend_reports_unavailable_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert "cuda" not in ops.available_backends("ipot", "cpu")
+    with pytest.raises(ops.BackendUnavailableError, match="CUDA"):
+        ops.ipot(torch.rand(1, 2, 2), torch.zeros(1, 2, dtype=torch.bool),
+                 torch.zeros(1, 2, dtype=torch.bool), backend="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_matches_reference_sweep(backend):
+    for seed in range(9000, 9100):
+        C, tp, ip, beta, iteration = random_case(seed)
+        T = ops.ipot(C.cuda(), tp.cuda(), ip.cuda(), beta, iteration, backend=backend)
+        assert_matches_reference(C, tp, ip, beta, iteration, T.cpu())
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_large_and_k(backend):
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(5, 200, 300, generator=g) * 2   # beyond shared memory / register tile
+    tp = torch.arange(200)[None] >= torch.tensor([200, 1, 0, 150, 7])[:, None]
+    ip = torch.arange(300)[None] >= torch.tensor([300, 299, 5, 0, 1])[:, None]
+    T = ops.ipot(C.cuda(), tp.cuda(), ip.cuda(), 0.5, 50, backend=backend).cpu()
+    assert_matches_reference(C, tp, ip, 0.5, 50, T)
+    T2 = ops.ipot(C.cuda(), tp.cuda(), ip.cuda(), 0.5, 4, 3, backend=backend).cpu()
+    assert (T2 - ipot_k_independent(C, tp, ip, 0.5, 4, 3)).abs().max().item() <= PLAN_ATOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_distance_and_gradient(backend):
+    _check_distance_and_grad(backend, "cuda")
+
+
+@requires_cuda
+def test_cuda_bad_input_raises_value_error():
+    mod = _ext.cuda_module()
+    C = torch.rand(2, 3, 4, device="cuda")
+    tp = torch.zeros(2, 3, dtype=torch.bool, device="cuda")
+    ip = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
+    with pytest.raises(ValueError, match="txt_pad"):
+        mod.ipot_cuda(C, tp.long(), ip, 0.5, 5, 1)
+    with pytest.raises(ValueError, match="beta"):
+        mod.ipot_cuda(C, tp, ip, -0.5, 5, 1)
+    with pytest.raises(ValueError, match="CUDA"):
+        mod.ipot_cuda(C.cpu(), tp.cpu(), ip.cpu(), 0.5, 5, 1)
