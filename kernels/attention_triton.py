@@ -26,7 +26,8 @@ Math (identical to :func:`uniter_fast.reference.attention`)::
   power of two of seq), never on the exact length.  Under TRITON_INTERPRET=1
   (CPU) one fixed config is used, and bf16 tiles are upcast to fp32 before
   ``tl.dot`` (the interpreter's bf16 dot is wrong) after rounding P / dS to
-  bf16, so the rounding matches the GPU path.
+  bf16 (round-to-nearest done by hand: the interpreter's bf16 cast
+  truncates), so the rounding matches the GPU path.
 """
 from __future__ import annotations
 
@@ -70,13 +71,31 @@ def _keep(seed, philox_offset, pid_bh, seq, rows, cols, dropout_p):
 
 
 @triton.jit
+def _round_bf16_rtne(x):
+    """fp32 → nearest bf16 value (ties to even), kept in fp32.  Used only in
+    the interpreter, whose fp32→bf16 cast truncates (the GPU cast rounds)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _lowp(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round to the input dtype for a matmul operand (then back to fp32 if the
-    interpreter cannot do that dtype's dot)."""
-    y = x.to(DTYPE)
+    """Round to the input dtype for a matmul operand.  UPCAST (interpreter +
+    bf16): round to bf16 but keep fp32, as the interpreter's bf16 dot is wrong."""
     if UPCAST:
-        y = y.to(tl.float32)
+        y = _round_bf16_rtne(x)
+    else:
+        y = x.to(DTYPE)
     return y
+
+
+@triton.jit
+def _to_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Final cast of an fp32 result to the output dtype (round to nearest)."""
+    if UPCAST:
+        x = _round_bf16_rtne(x)
+    return x.to(DTYPE)
 
 
 
@@ -150,7 +169,7 @@ def _attn_fwd_kernel(
     else:
         acc = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             _to_out(acc, O.dtype.element_ty, UPCAST), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * seq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -253,9 +272,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     tl.store(DK + b * s_kgb + h * s_kgh + offs_n[:, None] * s_kgs + offs_d[None, :] * s_kgd,
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
+             _to_out(dk, DK.dtype.element_ty, UPCAST), mask=nd_ok)
     tl.store(DV + b * s_vgb + h * s_vgh + offs_n[:, None] * s_vgs + offs_d[None, :] * s_vgd,
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+             _to_out(dv, DV.dtype.element_ty, UPCAST), mask=nd_ok)
 
 
 @triton.jit(do_not_specialize=["seed", "philox_offset"])
@@ -325,7 +344,7 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * sm_scale
     tl.store(DQ + b * s_qgb + h * s_qgh + offs_m[:, None] * s_qgs + offs_d[None, :] * s_qgd,
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+             _to_out(dq, DQ.dtype.element_ty, UPCAST), mask=md_ok)
 
 
 # --------------------------------------------------------------------------- dropout mask (debug)
