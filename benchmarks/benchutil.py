@@ -18,7 +18,7 @@ collection time:
 * ``UNITER_FAST_BENCH_THREADS``: ``torch.set_num_threads`` for the run
   (default: torch's choice; the thread count is recorded either way).
 * ``UNITER_FAST_BENCH_BUDGET``: seconds of timed rounds per benchmark (default
-  2 on CPU, 1.5 on CUDA).
+  2 on CPU, 1 on CUDA).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def time_call(fn: Callable[[], object], device: torch.device = DEVICE) -> float:
 def _budget() -> float:
     if "UNITER_FAST_BENCH_BUDGET" in os.environ:
         return float(os.environ["UNITER_FAST_BENCH_BUDGET"])
-    return 1.5 if ON_CUDA else 2.0
+    return 1.0 if ON_CUDA else 2.0
 
 
 def plan_rounds(per_round_s: float, *, min_rounds: int = 3, max_rounds: Optional[int] = None,

@@ -68,7 +68,7 @@ $PY -c "import uniter_fast.ops as o; [print(f'{op:>10}: registered {o.registered
 stage "CUDA tests (pytest tests -m cuda)"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-timeout "$(cap 150 240)" $PY -m pytest tests -m cuda -q -p no:cacheprovider $XDIST \
+timeout "$(cap 150 240)" $PY -m pytest tests -m cuda -k "not benchmarks_smoke" -q -p no:cacheprovider -p no:benchmark $XDIST \
   -rfE --durations=5 2>&1 | tail -n 60
 TESTS_RC=$?
 echo "CUDA tests exit status: $TESTS_RC"

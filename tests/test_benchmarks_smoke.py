@@ -25,7 +25,8 @@ from uniter_fast import ops  # noqa: E402
 
 def _run_benchmarks(tmp_path, device):
     env = dict(os.environ, UNITER_FAST_BENCH_SMOKE="1", UNITER_FAST_BENCH_DEVICE=device,
-               OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               UNITER_FAST_BENCH_COMPILE="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("UNITER_FAST_BENCH_RESULTS", None)
     out = tmp_path / "results"
     proc = subprocess.run(
@@ -35,33 +36,40 @@ def _run_benchmarks(tmp_path, device):
     return proc, out
 
 
-def _expected_backends(op):
-    """Benchmarked on CPU: available here and not the Triton interpreter."""
-    return {b for b in ops.available_backends(op, "cpu", torch.float32) if "triton" not in b}
+def _expected_backends(op, device):
+    """What a run benchmarks: the available backends, minus the Triton
+    interpreter on CPU, plus the CUDA-graph'd reference IPOT on CUDA (the
+    smoke run leaves out the torch.compile baselines)."""
+    got = {b for b in ops.available_backends(op, device, torch.float32)
+           if device == "cuda" or "triton" not in b}
+    if op == "ipot" and device == "cuda":
+        got.add("reference+cudagraph")
+    return got
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run of the benchmarks")
-def test_benchmarks_smoke_run_on_cpu(tmp_path):
-    proc, out = _run_benchmarks(tmp_path, "cpu")
+def _check_smoke_run(tmp_path, device):
+    proc, out = _run_benchmarks(tmp_path, device)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1, log[-2000:]
     name = files[0].name
-    assert name.endswith("_smoke.json") and "cpu" in name
+    assert name.endswith("_smoke.json")
     doc = json.loads(files[0].read_text())
     env = doc["env"]
-    assert env["device_type"] == "cpu" and env["smoke"] is True
+    assert env["device_type"] == device and env["smoke"] is True
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["cpu_model"]
+    if device == "cuda":
+        assert env["card"] == torch.cuda.get_device_name() and env["card"] in env["device_name"]
     res = doc["results"]
     assert {r["op"] for r in res} == {"attention", "ipot", "layer_norm", "gelu", "model"}
     for op in ("attention", "ipot", "layer_norm", "gelu"):
         got = {r["backend"] for r in res if r["op"] == op}
-        assert got == _expected_backends(op), (op, got)
+        assert got == _expected_backends(op, device), (op, got)
     assert {r["shape"]["task"] for r in res if r["op"] == "model"} == \
         {"mlm", "mrfr", "mrc-kl", "itm", "mixed"}
     for r in res:
-        assert r["device"] == "cpu"
+        assert r["device"] == device
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         if r["backend"] == "reference":
             assert r["speedup"] == {}
@@ -72,6 +80,7 @@ def test_benchmarks_smoke_run_on_cpu(tmp_path):
         if r["op"] == "model":
             assert r["tokens"] > 0
             assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
+            assert (r.get("peak_mem_bytes", 0) > 0) == (device == "cuda")
         else:
             assert r["gbps"] == pytest.approx(r["bytes_floor"] / r["median_s"] / 1e9)
     # the pytest-benchmark table and the speed-up summary are printed
@@ -80,6 +89,16 @@ def test_benchmarks_smoke_run_on_cpu(tmp_path):
     assert report.main([str(files[0]), "--include-smoke", "--plots-dir",
                         str(tmp_path / "plots")]) == 0
     assert list((tmp_path / "plots").glob("*_attention.png"))
+
+
+def test_benchmarks_smoke_run_on_cpu(tmp_path):
+    _check_smoke_run(tmp_path, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_benchmarks_smoke_run_on_cuda(tmp_path):
+    _check_smoke_run(tmp_path, "cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
