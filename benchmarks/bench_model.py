@@ -14,8 +14,8 @@ import functools
 import pytest
 import torch
 
-import batches as bb
 import benchutil as bu
+import synthetic_batches as bb
 import uniter_fast
 from uniter_fast import ops
 

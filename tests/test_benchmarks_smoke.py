@@ -1,6 +1,7 @@
 """The benchmarks cannot rot: run `pytest benchmarks --benchmark-only` in smoke
 mode (tiny shapes, one round) and check what it measured and wrote; check the
 timing helper's ratio and the synthetic UNITER batches on their own."""
+import importlib.util
 import json
 import math
 import os
@@ -15,9 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
-import batches as bb  # noqa: E402
 import benchutil as bu  # noqa: E402
-import report  # noqa: E402
+import synthetic_batches as bb  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("uniter_bench_report",
+                                               os.path.join(BENCH, "report.py"))
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
 
 import uniter_fast  # noqa: E402
 from uniter_fast import ops  # noqa: E402
