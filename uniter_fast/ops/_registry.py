@@ -57,9 +57,13 @@ def register(op: str, name: str, impl: Callable[[], Callable], *,
 
 
 def registered_backends(op: str) -> List[str]:
-    """Backends of ``op`` in "auto" preference order (those auto never picks last)."""
+    """Every backend of ``op``, highest priority first."""
     _check_op(op)
-    return sorted(_OPS[op], key=lambda n: (not _OPS[op][n].auto, -_OPS[op][n].priority))
+    return sorted(_OPS[op], key=lambda n: -_OPS[op][n].priority)
+
+
+def _auto_ok(b: _Backend, device: torch.device, dtype: torch.dtype) -> bool:
+    return bool(b.auto(device, dtype)) if callable(b.auto) else bool(b.auto)
 
 
 def _check_op(op: str) -> None:
@@ -85,8 +89,9 @@ def available_backends(op: str, device: Union[str, torch.device, None] = None,
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
-    return [n for n in registered_backends(op)
-            if _reason(_OPS[op][n], dev, dtype) is None]
+    names = [n for n in registered_backends(op) if _reason(_OPS[op][n], dev, dtype) is None]
+    # stable sort: what "auto" may pick here first, test-only paths (interpreter) last
+    return sorted(names, key=lambda n: not _auto_ok(_OPS[op][n], dev, dtype))
 
 
 def current_backend(op: str) -> str:
@@ -137,7 +142,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
         reasons = []
         for n in registered_backends(op):
             b = backends[n]
-            if not (b.auto(device, dtype) if callable(b.auto) else b.auto):
+            if not _auto_ok(b, device, dtype):
                 continue
             r = _reason(b, device, dtype)
             if r is None:
