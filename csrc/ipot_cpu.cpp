@@ -2,7 +2,8 @@
 // contiguous float32 copy of the example's real m x n block.
 //
 // Contract (same as uniter_fast.reference.ipot):
-//   C [B, M, N] (float32 / float16 / bfloat16 / float64; computed in float32),
+//   C [B, M, N] (float32 / float16 / bfloat16 / float64; upcast to float32,
+//   A = exp(-C / beta) computed once by ATen for the whole batch),
 //   txt_pad [B, M], img_pad [B, N] bool (true = padded, any pattern),
 //   returns the plan T [B, N, M] float32, zero on padded rows/columns and for
 //   examples whose text or image side is empty.
@@ -159,10 +160,11 @@ UF_HOT static void ipot_block(const float* __restrict A, float* __restrict Q,
   }
 }
 
-template <typename scalar_t>
-void ipot_example(const scalar_t* C, int64_t sCm, int64_t sCn, const bool* tpad,
-                  int64_t stp, const bool* ipad, int64_t sip, int64_t M, int64_t N,
-                  float beta, int64_t iteration, int64_t k, float* out, Workspace& ws) {
+// A_b: this example's exp(-C/beta) [M, N] (row stride sAm, contiguous rows);
+// out_b: its [N, M] output slab, fully written here (zeros off the real block).
+void ipot_example(const float* A_b, int64_t sAm, const bool* tpad, int64_t stp,
+                  const bool* ipad, int64_t sip, int64_t M, int64_t N, int64_t iteration,
+                  int64_t k, float* out, Workspace& ws) {
   ws.rows.clear();
   ws.cols.clear();
   for (int64_t i = 0; i < M; ++i)
@@ -171,7 +173,8 @@ void ipot_example(const scalar_t* C, int64_t sCm, int64_t sCn, const bool* tpad,
     if (!ipad[j * sip]) ws.cols.push_back(j);
   const int64_t m = static_cast<int64_t>(ws.rows.size());
   const int64_t n = static_cast<int64_t>(ws.cols.size());
-  if (m == 0 || n == 0) return;  // out is already zero
+  if (m < M || n < N || m == 0) std::fill(out, out + N * M, 0.0f);
+  if (m == 0 || n == 0) return;
   ws.A.resize(m * n);
   ws.Q.resize(m * n);
   ws.delta.resize(n);
@@ -180,26 +183,25 @@ void ipot_example(const scalar_t* C, int64_t sCm, int64_t sCn, const bool* tpad,
   float* A = ws.A.data();
   float* Q = ws.Q.data();
   for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* crow = C + ws.rows[i] * sCm;
-    for (int64_t j = 0; j < n; ++j) {
-      const float c = static_cast<float>(crow[ws.cols[j] * sCn]);
-      const float a = std::exp(-c / beta);
-      A[i * n + j] = a;
-      Q[i * n + j] = a;
+    const float* arow = A_b + ws.rows[i] * sAm;
+    if (n == N) {
+      std::copy(arow, arow + N, A + i * n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) A[i * n + j] = arow[ws.cols[j]];
     }
   }
+  std::copy(A, A + m * n, Q);
   ipot_block(A, Q, ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, iteration, k);
   // out is [N, M]: out[col, row] = T[i, j]
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t r = ws.rows[i];
-    for (int64_t j = 0; j < n; ++j) out[ws.cols[j] * M + r] = Q[i * n + j];
+  for (int64_t j = 0; j < n; ++j) {
+    float* orow = out + ws.cols[j] * M;
+    for (int64_t i = 0; i < m; ++i) orow[ws.rows[i]] = Q[i * n + j];
   }
 }
 
-template <typename scalar_t>
-void ipot_batch(const scalar_t* Cp, int64_t B, int64_t M, int64_t N, int64_t sCb, int64_t sCm,
-                int64_t sCn, const bool* tp, int64_t stb, int64_t stm, const bool* ip,
-                int64_t sib, int64_t sin, float beta, int64_t iteration, int64_t k, float* out) {
+void ipot_batch(const float* Ap, int64_t B, int64_t M, int64_t N, int64_t sAb, int64_t sAm,
+                const bool* tp, int64_t stb, int64_t stm, const bool* ip, int64_t sib,
+                int64_t sin, int64_t iteration, int64_t k, float* out) {
 #ifdef _OPENMP
   const int nthreads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)));
@@ -211,8 +213,8 @@ void ipot_batch(const scalar_t* Cp, int64_t B, int64_t M, int64_t N, int64_t sCb
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t b = 0; b < B; ++b) {
-      ipot_example<scalar_t>(Cp + b * sCb, sCm, sCn, tp + b * stb, stm, ip + b * sib, sin, M, N,
-                             beta, iteration, k, out + b * N * M, ws);
+      ipot_example(Ap + b * sAb, sAm, tp + b * stb, stm, ip + b * sib, sin, M, N, iteration, k,
+                   out + b * N * M, ws);
     }
   }
 }
@@ -243,14 +245,14 @@ torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img
   check_ipot_args(C, txt_pad, img_pad, beta, iteration, k);
   TORCH_CHECK_VALUE(C.device().is_cpu(), "ipot_cpu needs CPU tensors; got ", C.device());
   const int64_t B = C.size(0), M = C.size(1), N = C.size(2);
-  auto out = torch::zeros({B, N, M}, C.options().dtype(torch::kFloat32));
-  if (B == 0 || M == 0 || N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, C.scalar_type(), "ipot_cpu", [&] {
-    ipot_batch<scalar_t>(C.data_ptr<scalar_t>(), B, M, N, C.stride(0), C.stride(1), C.stride(2),
-                         txt_pad.data_ptr<bool>(), txt_pad.stride(0), txt_pad.stride(1),
-                         img_pad.data_ptr<bool>(), img_pad.stride(0), img_pad.stride(1),
-                         static_cast<float>(beta), iteration, k, out.data_ptr<float>());
-  });
+  if (B == 0 || M == 0 || N == 0) return torch::zeros({B, N, M}, C.options().dtype(torch::kFloat32));
+  auto out = torch::empty({B, N, M}, C.options().dtype(torch::kFloat32));
+  // A = exp(-C / beta) with ATen's vectorized, threaded exp: the same float32
+  // operations as the reference, so A is bit-identical to it.
+  const auto A = torch::exp(-C.to(torch::kFloat32) / beta).contiguous();
+  ipot_batch(A.data_ptr<float>(), B, M, N, A.stride(0), A.stride(1), txt_pad.data_ptr<bool>(),
+             txt_pad.stride(0), txt_pad.stride(1), img_pad.data_ptr<bool>(), img_pad.stride(0),
+             img_pad.stride(1), iteration, k, out.data_ptr<float>());
   return out;
 }
 
