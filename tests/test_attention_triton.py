@@ -244,6 +244,18 @@ def test_dropout_seed_from_torch_generator():
 # --------------------------------------------------------------------------- op layer / errors
 
 
+def test_autotune_keyed_on_length_bucket():
+    # lengths 65..128 share one tuning entry; the exact length is never a key
+    assert {AT._seq_bucket(s) for s in range(65, 129)} == {128}
+    assert AT._seq_bucket(1) == AT._seq_bucket(16) == 16 and AT._seq_bucket(170) == 256
+    assert "seq" not in AT._KEY and "SEQ_BUCKET" in AT._KEY
+    prune = AT._prune_by_bucket("BLOCK_M")
+    cfgs = AT._configs(AT._FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
+    for bucket in (16, 64, 256):
+        kept = prune(cfgs, {"SEQ_BUCKET": bucket})
+        assert kept and all(c.kwargs["BLOCK_M"] <= max(32, bucket) for c in kept)
+
+
 def test_registry_priority_and_cpu_policy():
     names = _registry.registered_backends("attention")
     assert names.index("triton") < names.index("sdpa")
