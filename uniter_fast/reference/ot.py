@@ -3,7 +3,7 @@
 Transcribes UNITER's ``model/ot.py`` batched IPOT with two defects fixed
 without changing any defined number: an example whose text or image side
 has length 0 gets a zero plan (the original divides by zero and returns NaN),
-and the caller computes trace(C·T) as sum(C ⊙ Tᵀ) instead of a B×M×M product.
+k > 1 inner iterations work (the original fails on a shape mismatch), and the caller computes trace(C·T) as sum(C ⊙ Tᵀ) instead of a B×M×M product.
 """
 import torch
 
@@ -46,8 +46,8 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     y_mask = (y_pad.float() * 1e4)[:, None, :]
     for _ in range(iteration):
         Q = A * T
-        sigma = sigma.view(b, m, 1)
         for _ in range(k):
+            sigma = sigma.view(b, m, 1)   # (the original reshapes only once: k > 1 crashed)
             delta = 1 / (y_len3 * Q.matmul(sigma).view(b, 1, n) + y_mask)
             sigma = 1 / (x_len3 * delta.matmul(Q) + x_mask)
         T = delta.view(b, n, 1) * Q * sigma
