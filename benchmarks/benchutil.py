@@ -253,7 +253,8 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
         env["device_name"] = p.name
     else:
         env["card"] = None
-        env["device_name"] = f"CPU {env['cpu_model']} ({env['threads']} threads)"
+        n = env["threads"]
+        env["device_name"] = f"CPU {env['cpu_model']} ({n} thread{'s' if n != 1 else ''})"
     return env
 
 
