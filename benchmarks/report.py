@@ -195,14 +195,24 @@ def plot(doc: Dict[str, object], out_dir: str) -> List[str]:
             continue
         keys = sorted(panels, key=lambda k: (k[0], MODE_ORDER.index(k[1])
                                              if k[1] in MODE_ORDER else 9))
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        ncol = min(2, len(keys))
+        nrow = (len(keys) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.8 * nrow), squeeze=False)
+        flat = list(axes.flat)
+        for ax in flat[len(keys):]:
+            ax.set_visible(False)
+        for ax, key in zip(flat, keys):
             sweep, mode = key
+            ticks = set()
             for backend, pts in sorted(panels[key].items()):
                 xs, ys = zip(*pts)
+                ticks.update(xs)
                 ax.plot(xs, ys, marker="o", label=backend)
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ticks))
+            ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)])
+            ax.minorticks_off()
             ax.set_xlabel(SWEEP_LABEL.get(sweep, sweep))
             ax.set_ylabel("speed-up vs reference (×)")
             ax.set_title(f"{op} {mode}")
