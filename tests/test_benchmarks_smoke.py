@@ -238,3 +238,29 @@ def test_synthetic_batches_run_through_the_model(task):
         out = model(b, task)
     loss = uniter_fast.itm_ot_loss(*out, 0.1) if task == "itm" else out.mean()
     assert torch.isfinite(loss)
+
+
+def test_device_check_script_parses():
+    script = os.path.join(BENCH, "device_check.sh")
+    proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="dry run for a machine without CUDA")
+def test_device_check_dry_run_without_gpu(tmp_path):
+    """The whole script runs through on a CPU machine: every CUDA test and
+    benchmark skips, nothing is measured, the log lands in $OUT."""
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE_CHECK_NO_INSTALL="1",
+               DEVICE_CHECK_BUDGET="400", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(BENCH, "device_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    log = (tmp_path / "device_check.log").read_text()
+    for stage in ("machine", "install (offline)", "CUDA tests", "benchmarks", "report"):
+        assert f"] {stage}" in log
+    assert "CUDA tests exit status: 0" in log and "benchmarks exit status: 0" in log
+    bench = log[log.index("] benchmarks"):log.index("] report")]
+    assert "skipped" in bench and " passed" not in bench and "no CUDA GPU" in bench
+    assert "no results were written" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.log"]
