@@ -229,6 +229,20 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+# Nominal (datasheet) memory bandwidth in GB/s, first matching name wins; used
+# only to print achieved bandwidth as a fraction of the card's peak.
+NOMINAL_MEM_GBPS = (("H200", 4800), ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350),
+                    ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555),
+                    ("L40S", 864), ("A10G", 600))
+
+
+def nominal_mem_gbps(card: Optional[str]) -> Optional[float]:
+    for key, gbps in NOMINAL_MEM_GBPS:
+        if card and key in card:
+            return float(gbps)
+    return None
+
+
 def environment(device: torch.device = DEVICE) -> Dict[str, object]:
     """Where the numbers come from: card, CPU, thread count, versions."""
     env: Dict[str, object] = {
@@ -251,6 +265,7 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
         env.update(card=p.name, capability=f"{p.major}.{p.minor}",
                    gpu_memory_bytes=int(p.total_memory), sm_count=p.multi_processor_count)
         env["device_name"] = p.name
+        env["nominal_mem_gbps"] = nominal_mem_gbps(p.name)
     else:
         env["card"] = None
         n = env["threads"]

@@ -8,7 +8,9 @@
 The table goes between ``<!-- perf-table:begin -->`` and
 ``<!-- perf-table:end -->``; nothing else in the README is touched.  One
 table row per headline benchmark and fast backend, from the newest result
-file of each device; every row names its device and date.  Plots: one PNG
+file of each device; every row names its device and date.  GB/s is the
+memory floor (bytes an ideal kernel must move) over the median time; on a
+known card also as a share of its datasheet bandwidth.  Plots: one PNG
 per result file and op, speed-up over the reference against batch size and
 against sequence length (one line per backend).
 """
@@ -101,12 +103,13 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
     return name, shape
 
 
-def throughput(r: Dict[str, object]) -> str:
+def throughput(r: Dict[str, object], peak_gbps: Optional[float] = None) -> str:
     parts = []
     if "tokens_per_s" in r:
         parts.append(fmt_si(r["tokens_per_s"], "tok/s"))
     if "gbps" in r:
-        parts.append(f"{r['gbps']:.3g} GB/s")
+        frac = f" ({100 * r['gbps'] / peak_gbps:.0f}% of peak)" if peak_gbps else ""
+        parts.append(f"{r['gbps']:.3g} GB/s{frac}")
     if r.get("peak_mem_bytes"):
         parts.append(f"{r['peak_mem_bytes'] / 2**30:.2f} GiB peak")
     return ", ".join(parts) or "–"
@@ -127,6 +130,7 @@ def table(docs: Sequence[Dict[str, object]]) -> str:
              "|---|---|---|---:|---:|---:|---|---|---|"]
     for doc in newest_per_device(docs):
         dev, date = device_name(doc), run_date(doc)
+        peak = doc["env"].get("nominal_mem_gbps")
         rows = [r for r in doc["results"] if r.get("headline") and r["backend"] != "reference"
                 and "reference" in r["speedup"]]
         for r in sorted(rows, key=_row_key):
@@ -137,7 +141,7 @@ def table(docs: Sequence[Dict[str, object]]) -> str:
             if others:
                 speed += " (" + ", ".join(others) + ")"
             lines.append(f"| {name} | {shape} | {r['backend']} | {fmt_time(r['median_s'])} | "
-                         f"{fmt_time(ref_t)} | {speed} | {throughput(r)} | {dev} | {date} |")
+                         f"{fmt_time(ref_t)} | {speed} | {throughput(r, peak)} | {dev} | {date} |")
     if len(lines) == 2:
         raise ValueError("no headline results with a reference baseline in the given files")
     src = ", ".join(sorted(os.path.basename(d["_path"]) for d in newest_per_device(docs)))

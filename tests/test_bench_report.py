@@ -40,7 +40,8 @@ ATT = {"B": 128, "H": 12, "D": 64, "S": 170, "len_min": 96, "len_max": 170, "rea
 SAMPLE = {
     "schema": 1, "created": "2026-11-20T10:00:00",
     "env": {"device_type": "cuda", "card": H100, "device_name": H100, "threads": 16,
-            "cpu_model": "Intel Xeon", "torch": "2.11.0", "triton": "3.6.0", "smoke": False},
+            "cpu_model": "Intel Xeon", "torch": "2.11.0", "triton": "3.6.0", "smoke": False,
+            "nominal_mem_gbps": 3000.0},
     "results": [
         _row("attention", "triton", 1.2e-3, 3.0e-3, shape=ATT, sweep={"batch": 128, "seq": 170},
              others={"sdpa": 1.5e-3}, extra={"gbps": 1500.0}),
@@ -81,7 +82,8 @@ def _cpu():
     d["env"] = {"device_type": "cpu", "card": None, "cpu_model": "AMD EPYC", "threads": 2,
                 "device_name": "CPU AMD EPYC (2 threads)", "smoke": False}
     d["results"] = [_row("ipot", "cpp", 2e-3, 9e-3,
-                         shape={"B": 32, "M": 60, "N": 100, "iteration": 50})]
+                         shape={"B": 32, "M": 60, "N": 100, "iteration": 50},
+                         extra={"gbps": 10.0})]
     return d
 
 
@@ -104,11 +106,15 @@ def test_table_rows_come_from_headline_fast_backends_of_newest_file(tmp_path):
     assert "34.6 ktok/s" in rows[0] and "3.00 GiB peak" in rows[0]
     triton_fwd = [r for r in rows if r.startswith("| attention fwd |") and "| triton |" in r]
     assert len(triton_fwd) == 1
-    assert "| 1.20 ms | 3.00 ms | **2.50×** (1.25× vs sdpa) | 1.5e+03 GB/s |" in triton_fwd[0]
+    assert ("| 1.20 ms | 3.00 ms | **2.50×** (1.25× vs sdpa) | 1.5e+03 GB/s (50% of peak) |"
+            in triton_fwd[0])
     slower = [r for r in rows if r.startswith("| attention fwd+bwd |")][0]
     assert "**0.50×**" in slower                            # slow-downs are shown as such
     ipot = [r for r in rows if r.startswith("| ipot")][0]
     assert "B=256 60×100 it=50" in ipot and "80.0 µs" in ipot and "**100.00×**" in ipot
+    assert "150 GB/s (5% of peak)" in ipot
+    cpu = rows[5]
+    assert "| 10 GB/s |" in cpu                                     # no datasheet for CPUs
     assert "new.json" in text and "cpu.json" in text and "old.json" not in text
 
 
