@@ -78,8 +78,11 @@ def skip_reason(op: str, backend: str, device: torch.device, dtype: torch.dtype)
     from uniter_fast import ops
     if backend not in ops.registered_backends(op):
         return f"{op}: no backend {backend!r} registered"
-    if device.type != "cuda" and "triton" in backend.lower():
-        return f"{op}/{backend}: Triton runs in the interpreter on CPU (not a fast path)"
+    if "triton" in backend.lower():
+        if device.type != "cuda":
+            return f"{op}/{backend}: Triton runs in the interpreter on CPU (not a fast path)"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return f"{op}/{backend}: TRITON_INTERPRET=1 is set (the interpreter is not a fast path)"
     if backend not in ops.available_backends(op, device, dtype):
         from uniter_fast.ops import _registry
         reason = _registry._reason(_registry._OPS[op][backend], device, dtype)
