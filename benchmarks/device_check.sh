@@ -10,8 +10,11 @@
 # 4. turns the results into PNG plots and a markdown table, printed last.
 #
 # Everything goes to $OUT when set (the device tool's folder; at most 8 files
-# come back: device_check.log, the results JSON, table.md, a few PNGs), else
-# to benchmarks/results/device_check_<time>/ (git-ignored).  Each stage is
+# come back: device_check.log, cuda_tests.log, the results JSON, table.md and
+# two PNGs), else to benchmarks/results/device_check_<time>/ (git-ignored).
+# After a run, copy the JSON and PNGs into benchmarks/results/ and commit them
+# (`python benchmarks/report.py --readme README.md` then updates the table).
+# Each stage is
 # bounded with `timeout` so that the whole script ends within
 # DEVICE_CHECK_BUDGET seconds (default 470, i.e. under 8 minutes).  Results
 # are flushed after every benchmark, so a stage cut short keeps its numbers.
@@ -69,7 +72,7 @@ stage "CUDA tests (pytest tests -m cuda)"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout "$(cap 150 240)" $PY -m pytest tests -m cuda -k "not benchmarks_smoke" -q -p no:cacheprovider -p no:benchmark $XDIST \
-  -rfE --durations=5 2>&1 | tail -n 60
+  -rfE --durations=5 2>&1 | tee "$OUT_DIR/cuda_tests.log" | tail -n 60
 TESTS_RC=$?
 echo "CUDA tests exit status: $TESTS_RC"
 
@@ -77,7 +80,7 @@ stage "benchmarks (pytest benchmarks --benchmark-only)"
 # 0.6 s of timed rounds per benchmark (>= 10 rounds for anything under 60 ms)
 UNITER_FAST_BENCH_BUDGET=${UNITER_FAST_BENCH_BUDGET:-0.6} UNITER_FAST_BENCH_DEVICE=cuda timeout "$(cap 300 40)" $PY -m pytest benchmarks --benchmark-only \
   -q -p no:cacheprovider --results-dir "$OUT_DIR" --benchmark-columns=median,iqr,rounds \
-  --benchmark-sort=name 2>&1 | tail -n 400
+  --benchmark-sort=name 2>&1
 BENCH_RC=$?
 echo "benchmarks exit status: $BENCH_RC"
 

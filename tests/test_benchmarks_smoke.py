@@ -263,4 +263,4 @@ def test_device_check_dry_run_without_gpu(tmp_path):
     bench = log[log.index("] benchmarks"):log.index("] report")]
     assert "skipped" in bench and " passed" not in bench and "no CUDA GPU" in bench
     assert "no results were written" in log
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cuda_tests.log", "device_check.log"]
