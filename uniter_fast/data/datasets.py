@@ -83,10 +83,10 @@ class DetectFeatTxtTokDataset(Dataset):
 
     def _img(self, fname: str, soft_labels: bool = False):
         d = self.img_db.get_dump(fname, with_soft_labels=soft_labels)
-        feat = torch.from_numpy(d["features"])
-        pos = img_pos_feat(torch.from_numpy(d["norm_bb"]))
+        feat = torch.tensor(d["features"])
+        pos = img_pos_feat(torch.tensor(d["norm_bb"]))
         if soft_labels:
-            return feat, pos, torch.from_numpy(d["soft_labels"])
+            return feat, pos, torch.tensor(d["soft_labels"])
         return feat, pos
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import lmdb
@@ -178,8 +179,12 @@ class DetectFeatLmdb:
     """UNITER's detected-region feature db (``DetectFeatLmdb``), with validated reads."""
 
     def __init__(self, img_dir: str, conf_th: float = 0.2, max_bb: int = 100, min_bb: int = 10,
-                 num_bb: int = 36, compress: bool = True, img_dim: Optional[int] = None):
+                 num_bb: int = 36, compress: bool = True, img_dim: Optional[int] = None,
+                 cache_mb: float = 256.0):
         self.img_dir = os.path.normpath(img_dir)
+        # decoded, validated records (LRU, bounded by bytes; per process)
+        self._cache: "OrderedDict[Tuple[str, bool], Dict[str, np.ndarray]]" = OrderedDict()
+        self._cache_bytes, self._cache_max = 0, int(cache_mb * 2**20)
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.compress = compress
         self.img_dim = img_dim
@@ -253,8 +258,24 @@ class DetectFeatLmdb:
         """Validated record cut to this image's box count, float32.
 
         Keys: ``features`` [nbb, d], ``norm_bb`` [nbb, 6], and (if requested)
-        ``soft_labels`` [nbb, label_dim].
+        ``soft_labels`` [nbb, label_dim].  Treat the arrays as read-only (cached).
         """
+        key = (fname, with_soft_labels)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        out = self._decode(fname, with_soft_labels)
+        size = sum(a.nbytes for a in out.values())
+        if size <= self._cache_max:
+            self._cache[key] = out
+            self._cache_bytes += size
+            while self._cache_bytes > self._cache_max:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= sum(a.nbytes for a in old.values())
+        return out
+
+    def _decode(self, fname: str, with_soft_labels: bool) -> Dict[str, np.ndarray]:
         need = ["features", "norm_bb"] + (["soft_labels"] if with_soft_labels else [])
         dump = self._raw(fname, need)
         nbb = self.nbb(fname)
