@@ -246,6 +246,23 @@ def nominal_mem_gbps(card: Optional[str]) -> Optional[float]:
     return None
 
 
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(env: Dict[str, object]) -> Optional[str]:
+    """A warning when other processes compete for the CPU threads torch uses
+    (OpenMP then stalls and CPU timings become meaningless)."""
+    load, cores = env.get("loadavg_1min"), env.get("cpu_count") or 1
+    if env.get("device_type") == "cpu" and load is not None and load > 0.5 * cores:
+        return (f"load average {load} on {cores} CPUs when the run started: CPU timings are "
+                f"unreliable on a busy machine (UNITER_FAST_BENCH_THREADS=1 is more robust)")
+    return None
+
+
 def environment(device: torch.device = DEVICE) -> Dict[str, object]:
     """Where the numbers come from: card, CPU, thread count, versions."""
     env: Dict[str, object] = {
@@ -262,6 +279,7 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
         "numpy": _version("numpy"),
         "git_commit": _git_commit(),
         "smoke": SMOKE,
+        "loadavg_1min": _loadavg(),
     }
     if device.type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(device)
@@ -300,6 +318,7 @@ class Collector:
         self.created = _dt.datetime.now().isoformat(timespec="seconds")
 
     def add(self, record: Dict[str, object]) -> None:
+        self.env["loadavg_1min_last"] = _loadavg()
         bad = [k for k in ("median_s",) if not (isinstance(record.get(k), float)
                                                  and math.isfinite(record[k]) and record[k] > 0)]
         if bad:

@@ -105,5 +105,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ratios = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
         tr.write_line(f"{r['group']:<44} {r['backend']:<22} {r['median_s'] * 1e3:10.3f} ms  "
                       f"{ratios}")
+    warning = benchutil.busy_warning(c.env)
+    if warning:
+        tr.write_line(f"WARNING: {warning}", yellow=True)
     if c.path:
         tr.write_line(f"results written to {c.path}")
