@@ -257,7 +257,9 @@ def busy_warning(env: Dict[str, object]) -> Optional[str]:
     """A warning when other processes compete for the CPU threads torch uses
     (OpenMP then stalls and CPU timings become meaningless)."""
     load, cores = env.get("loadavg_1min"), env.get("cpu_count") or 1
-    if env.get("device_type") == "cpu" and load is not None and load > 0.5 * cores:
+    threads = env.get("threads") or 1
+    if env.get("device_type") == "cpu" and threads > 1 and load is not None \
+            and load > 0.5 * cores:
         return (f"load average {load} on {cores} CPUs when the run started: CPU timings are "
                 f"unreliable on a busy machine (UNITER_FAST_BENCH_THREADS=1 is more robust)")
     return None
