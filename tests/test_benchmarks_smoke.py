@@ -264,3 +264,20 @@ def test_device_check_dry_run_without_gpu(tmp_path):
     assert "skipped" in bench and " passed" not in bench and "no CUDA GPU" in bench
     assert "no results were written" in log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cuda_tests.log", "device_check.log"]
+
+
+def test_busy_machine_warning():
+    busy = dict(device_type="cpu", threads=2, cpu_count=2, loadavg_1min=3.0)
+    assert "unreliable" in bu.busy_warning(busy)
+    assert bu.busy_warning(dict(busy, threads=1)) is None        # one thread copes
+    assert bu.busy_warning(dict(busy, loadavg_1min=0.5)) is None
+    assert bu.busy_warning(dict(busy, device_type="cuda")) is None
+
+
+def test_results_file_names_carry_date_and_device():
+    import datetime
+    when = datetime.datetime(2026, 11, 27, 12, 0)
+    gpu = dict(card="NVIDIA H100 80GB HBM3", smoke=False)
+    assert bu.results_filename(gpu, when) == "2026-11-27_nvidia-h100-80gb-hbm3.json"
+    cpu = dict(card=None, cpu_model="AMD EPYC 7B13", threads=2, smoke=True)
+    assert bu.results_filename(cpu, when) == "2026-11-27_cpu-amd-epyc-7b13-2t_smoke.json"
