@@ -44,8 +44,9 @@ CLASS_NAMES = ["cat", "dog", "bird", "car", "tree", "cup", "ball", "chair", "boa
                "horse", "book", "clock", "bike", "kite", "shoe", "apple", "house", "fish",
                "train"]
 # caption templates: {objs} is "a X , a Y and a Z"
-TEMPLATES = ["a photo of {objs} .", "there is {objs} in the picture .",
-             "an image showing {objs} .", "we see {objs} ."]
+TEMPLATES = {"long": ["a photo of {objs} .", "there is {objs} in the picture .",
+                      "an image showing {objs} .", "we see {objs} ."],
+             "short": ["{objs}", "{objs} .", "a {objs}"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SyntheticSpec:
     conf_th: float = 0.2
     max_bb: int = 8
     min_bb: int = 3
+    caption_style: str = "long"          # "long" (sentence templates) or "short" (names only)
 
     def validate(self) -> None:
         if not 2 <= self.num_classes <= len(CLASS_NAMES):
@@ -73,6 +75,8 @@ class SyntheticSpec:
             raise ValueError("need 1 <= min_objects <= max_objects <= num_classes")
         if self.regions_per_image < max(self.max_objects, self.min_bb):
             raise ValueError("regions_per_image must be >= max(max_objects, min_bb)")
+        if self.caption_style not in TEMPLATES:
+            raise ValueError(f"caption_style must be one of {sorted(TEMPLATES)}")
         if self.num_train_images < 2 or self.num_val_images < 2 or self.captions_per_image < 1:
             raise ValueError("need >= 2 train and val images and >= 1 caption per image")
 
@@ -120,11 +124,13 @@ def _make_image(rng: np.random.Generator, spec: SyntheticSpec, protos: np.ndarra
     return dump, [int(c) for c in classes]
 
 
-def _caption(rng: np.random.Generator, classes: List[int], tok: Dict[str, int]) -> List[int]:
+def _caption(rng: np.random.Generator, classes: List[int], tok: Dict[str, int],
+             style: str = "long"):
     names = [CLASS_NAMES[c - 1] for c in rng.permutation(classes)]
-    parts = [f"a {n}" for n in names]
+    parts = [f"a {n}" for n in names] if style == "long" else names
     objs = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
-    text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(objs=objs)
+    templates = TEMPLATES[style]
+    text = templates[int(rng.integers(len(templates)))].format(objs=objs)
     return [tok[w] for w in text.split()], text
 
 
@@ -146,7 +152,7 @@ def generate_synthetic(out_dir: str, spec: SyntheticSpec) -> Dict[str, str]:
         dump, classes = _make_image(rng, spec, protos)
         dumps[fname] = dump
         for j in range(spec.captions_per_image):
-            ids, text = _caption(rng, classes, tok)
+            ids, text = _caption(rng, classes, tok, spec.caption_style)
             txt[split][f"{split}_{i:06d}_{j}"] = {"input_ids": ids, "img_fname": fname,
                                                    "caption": text, "classes": classes}
     write_img_db(os.path.join(out_dir, "img"), dumps, conf_th=spec.conf_th,
