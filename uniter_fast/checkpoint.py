@@ -95,4 +95,10 @@ def load_latest(engine, ckpt_dir: str) -> Tuple[Optional[str], Dict[str, Any]]:
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    # DeepSpeed restores the scheduler's position but not the learning rate it had
+    # written into the optimizer: re-apply it, or the first resumed step uses the
+    # initial (warmup) lr and the run drifts from an uninterrupted one
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is not None and hasattr(sched, "last_batch_iteration"):
+        sched.step(sched.last_batch_iteration)
     return tag, client_state or {}

@@ -414,6 +414,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             fp = int(zlib.crc32(batch["input_ids"].cpu().numpy().tobytes()))
             rank_f.write(json.dumps({"micro_step": micro, "step": global_step, "task": name,
                                      "loss": lval, "data_fp": fp,
+                                     "lr": float(engine.get_lr()[0]),
                                      "n_examples": int(batch["input_ids"].size(0))}) + "\n")
             rank_f.flush()
         if not engine.is_gradient_accumulation_boundary() and micro % accum != 0:

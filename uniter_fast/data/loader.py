@@ -60,16 +60,20 @@ class TaskLoader:
                              f"{self.sampler.max_tok} tokens, droplast={self.sampler.droplast})")
         self._n_batches = len(batches)
         remaining = batches[self.offset:]
-        self._it = iter(DataLoader(self.dataset, batch_sampler=remaining,
-                                   collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                   pin_memory=self.pin_memory))
+        self._it = iter(self._loader(remaining, self.epoch))
 
     def epoch_batches(self, epoch: int = 0):
         """An iterable over one full epoch (for validation); does not move the position."""
         self.dataset.set_epoch(epoch)
-        batches = self.sampler.batches(self.dataset.lens, epoch)
+        return self._loader(self.sampler.batches(self.dataset.lens, epoch), epoch)
+
+    def _loader(self, batches, epoch: int) -> DataLoader:
+        # a private generator: creating an iterator must not draw from the global torch
+        # RNG (that would shift dropout masks, e.g. after a resume)
+        g = torch.Generator()
+        g.manual_seed(self.sampler.seed * 1_000_003 + epoch)
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=g)
 
     def next_batch(self) -> Dict[str, Any]:
         while True:

@@ -1,0 +1,198 @@
+"""DeepSpeed pretraining end to end (CPU): the main command, 2 ranks under ZeRO-2,
+ZeRO stages 0/1/3 with tied weights, kill + resume, export to a plain state dict."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "uniter_fast", "train.py")
+DS = os.path.join(ROOT, "ds.json")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["UNITER_FAST_CACHE"] = str(tmp_path_factory.mktemp("uf_cache"))
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def _run(cmd, env, timeout=240, **kw):
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}")
+    return p
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _steps(out):
+    """Last record of each training step (a resumed run re-logs steps after its checkpoint)."""
+    by = {}
+    for r in _records(os.path.join(out, "metrics.jsonl")):
+        if "event" not in r:
+            by[r["step"]] = r
+    return by
+
+
+def test_main_command_deepspeed_launcher(env, tmp_path):
+    out = str(tmp_path / "run")
+    p = _run(["deepspeed", TRAIN, "--deepspeed_config", DS, "--num_train_steps", "12",
+              "--output_dir", out, "--log_steps", "1", "--save_steps", "6"], env)
+    log = p.stdout + p.stderr
+    assert "pretrain" in log and "12/12" in log, "tqdm progress bar"
+    assert "itm=" in log and "mlm=" in log, "per-task running losses on the bar"
+    steps = _steps(out)
+    assert sorted(steps) == list(range(1, 13))
+    for r in steps.values():
+        assert r["task"].split("_")[0] in ("itm", "mlm", "mrfr", "mrckl")
+        assert r["loss"] == r["loss"] and r["lr"] >= 0 and r["tokens_per_s"] > 0
+    assert {r["task"].split("_")[0] for r in steps.values()} >= {"itm", "mlm"}
+    val = [r for r in _records(os.path.join(out, "metrics.jsonl"))
+           if r.get("event") == "validation"]
+    assert val and "itm_synthetic/acc" in val[-1] and "mlm_synthetic/loss" in val[-1]
+    with open(os.path.join(out, "ckpt", "latest")) as f:
+        assert f.read().strip() == "global_step12"
+    assert os.path.isdir(os.path.join(out, "ckpt", "global_step6"))
+    start = [r for r in _records(os.path.join(out, "metrics.jsonl")) if r.get("event") == "start"]
+    assert start[0]["dtype"] == "torch.bfloat16" and start[0]["zero_stage"] == 2
+
+
+def test_two_ranks_zero2_disjoint_data_identical_weights(env, tmp_path):
+    out = str(tmp_path / "r2")
+    port = str(29500 + random.randrange(1000, 9000))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", port, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "8",
+          "--output_dir", out, "--no_progress", "--debug_rank_files", "--zero_stage", "2"], env)
+    r0 = _records(os.path.join(out, "metrics_rank0.jsonl"))
+    r1 = _records(os.path.join(out, "metrics_rank1.jsonl"))
+    assert len(r0) == len(r1) == 8
+    assert [r["task"] for r in r0] == [r["task"] for r in r1], "same task on every rank"
+    assert all(a["data_fp"] != b["data_fp"] for a, b in zip(r0, r1)), "ranks see different data"
+    w0 = torch.load(os.path.join(out, "final_weights_rank0.pt"))
+    w1 = torch.load(os.path.join(out, "final_weights_rank1.pt"))
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "replicas identical after ZeRO-2 steps"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_tied_weights_and_export(env, tmp_path, stage):
+    from uniter_fast import UniterConfig, UniterForPretraining, config_path
+    out = str(tmp_path / f"z{stage}")
+    _run([sys.executable, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "5",
+          "--output_dir", out, "--no_progress", "--debug_rank_files", "--zero_stage",
+          str(stage), "--valid_steps", "5"], env)
+    final = torch.load(os.path.join(out, "final_weights_rank0.pt"))
+    pt = str(tmp_path / "model.pt")
+    _run([sys.executable, "-m", "uniter_fast.export", "to-pt", os.path.join(out, "ckpt"), pt], env)
+    sd = torch.load(pt)
+    model = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11)
+    assert set(sd) == set(model.state_dict())
+    model.load_state_dict(sd, strict=True)
+    # tied weights stay tied (also under ZeRO-3) and were trained
+    for a, b in (("cls.predictions.decoder.weight", "uniter.embeddings.word_embeddings.weight"),
+                 ("feat_regress.weight", "uniter.img_embeddings.img_linear.weight")):
+        assert torch.equal(sd[a], sd[b]) and torch.equal(final[a], final[b])
+    init = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11)
+    torch.manual_seed(42)
+    init = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11).state_dict()
+    assert not torch.equal(sd["uniter.embeddings.word_embeddings.weight"],
+                           init["uniter.embeddings.word_embeddings.weight"])
+    # the export is the fp32 master copy: equal to the bf16 module weights up to bf16 rounding
+    for k in final:
+        torch.testing.assert_close(sd[k].to(torch.bfloat16).float(), final[k], atol=1e-2, rtol=1e-2)
+
+
+def test_kill_and_resume_continues(env, tmp_path):
+    n = 30
+    common = ["--deepspeed_config", DS, "--num_train_steps", str(n), "--save_steps", "2",
+              "--valid_steps", "1000", "--log_steps", "1", "--no_progress"]
+    ref = str(tmp_path / "ref")
+    _run([sys.executable, TRAIN, *common, "--output_dir", ref], env)
+    ref_steps = _steps(ref)
+
+    out = str(tmp_path / "killed")
+    rng = random.Random(int(time.time()))
+    kill_at = rng.randrange(5, 24)
+    proc = subprocess.Popen([sys.executable, TRAIN, *common, "--output_dir", out], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            if os.path.exists(metrics) and any(r.get("step", 0) >= kill_at and "event" not in r
+                                               for r in _records(metrics)):
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.random() * 0.3)       # land anywhere, also inside a save
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode != 0, "the run was killed before finishing"
+    with open(os.path.join(out, "ckpt", "latest")) as f:
+        tag = f.read().strip()
+    ck_step = int(tag.replace("global_step", ""))
+    assert 2 <= ck_step < n
+
+    _run([sys.executable, TRAIN, *common, "--output_dir", out, "--resume"], env)
+    starts = [r for r in _records(metrics) if r.get("event") == "start"]
+    assert starts[-1]["step"] == ck_step and starts[-1]["resumed"]
+    steps = _steps(out)
+    assert sorted(steps) == list(range(1, n + 1))
+    # same data order, same RNG, same optimizer state: the resumed run retraces the reference
+    for s in range(ck_step + 1, n + 1):
+        assert steps[s]["task"] == ref_steps[s]["task"]
+        assert steps[s]["loss"] == pytest.approx(ref_steps[s]["loss"], rel=1e-6, abs=1e-7), s
+    with open(os.path.join(out, "ckpt", "latest")) as f:
+        assert f.read().strip() == f"global_step{n}"
+
+
+def test_refuses_to_overwrite_without_resume(env, tmp_path):
+    out = str(tmp_path / "o")
+    _run([sys.executable, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "2",
+          "--output_dir", out, "--no_progress"], env)
+    p = subprocess.run([sys.executable, TRAIN, "--deepspeed_config", DS, "--num_train_steps",
+                        "2", "--output_dir", out, "--no_progress"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0 and "--resume" in p.stderr
+
+
+def test_export_round_trip_from_pt(env, tmp_path):
+    from uniter_fast import UniterConfig, UniterForPretraining, config_path
+    torch.manual_seed(3)
+    model = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    pt = str(tmp_path / "in.pt")
+    torch.save(sd, pt)
+    ck = str(tmp_path / "conv" / "ckpt")
+    _run([sys.executable, "-m", "uniter_fast.export", "from-pt", pt, ck, "--deepspeed_config",
+          DS], env)
+    back = str(tmp_path / "back.pt")
+    _run([sys.executable, "-m", "uniter_fast.export", "to-pt", ck, back], env)
+    sd2 = torch.load(back)
+    assert set(sd2) == set(sd)
+    for k in sd:   # through bf16 module weights / fp32 masters: exact up to bf16 rounding
+        torch.testing.assert_close(sd2[k], sd[k].float(), atol=1e-2, rtol=1e-2)
+    # and training continues from it
+    _run([sys.executable, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "2",
+          "--output_dir", str(tmp_path / "conv"), "--no_progress", "--resume"], env)
