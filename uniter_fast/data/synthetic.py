@@ -56,8 +56,8 @@ class SyntheticSpec:
     num_train_images: int = 600
     num_val_images: int = 100
     captions_per_image: int = 2
-    min_objects: int = 2
-    max_objects: int = 5
+    min_objects: int = 1
+    max_objects: int = 6
     regions_per_image: int = 8          # objects + low-confidence clutter, before the nbb rule
     feat_dim: int = 2048
     feat_noise: float = 0.3
@@ -65,8 +65,8 @@ class SyntheticSpec:
     detector_noise: float = 0.5
     conf_th: float = 0.2
     max_bb: int = 8
-    min_bb: int = 3
-    caption_style: str = "long"          # "long" (sentence templates) or "short" (names only)
+    min_bb: int = 2
+    caption_style: str = "short"         # "long" (sentence templates) or "short" (names only)
 
     def validate(self) -> None:
         if not 2 <= self.num_classes <= len(CLASS_NAMES):
