@@ -1,5 +1,6 @@
-"""DeepSpeed pretraining end to end (CPU): the main command, 2 ranks under ZeRO-2,
-ZeRO stages 0/1/3 with tied weights, kill + resume, export to a plain state dict."""
+"""DeepSpeed pretraining end to end (CPU): the main command, 2 ranks under ZeRO-2/3,
+ZeRO stages 0/1/3 with tied weights, kill + resume, export to a plain state dict,
+fp16 overflow skipping (where DeepSpeed supports fp16), convergence."""
 import json
 import math
 import os
@@ -75,12 +76,14 @@ def test_main_command_deepspeed_launcher(env, tmp_path):
     assert start[0]["dtype"] == "torch.bfloat16" and start[0]["zero_stage"] == 2
 
 
-def test_two_ranks_zero2_disjoint_data_identical_weights(env, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_disjoint_data_identical_weights(env, tmp_path, stage):
     out = str(tmp_path / "r2")
     port = str(29500 + random.randrange(1000, 9000))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
           "--master_port", port, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "8",
-          "--output_dir", out, "--no_progress", "--debug_rank_files", "--zero_stage", "2"], env)
+          "--output_dir", out, "--no_progress", "--debug_rank_files", "--zero_stage", str(stage),
+          "--valid_steps", "4"], env)
     r0 = _records(os.path.join(out, "metrics_rank0.jsonl"))
     r1 = _records(os.path.join(out, "metrics_rank1.jsonl"))
     assert len(r0) == len(r1) == 8
@@ -89,7 +92,7 @@ def test_two_ranks_zero2_disjoint_data_identical_weights(env, tmp_path):
     w0 = torch.load(os.path.join(out, "final_weights_rank0.pt"))
     w1 = torch.load(os.path.join(out, "final_weights_rank1.pt"))
     assert w0.keys() == w1.keys()
-    assert all(torch.equal(w0[k], w1[k]) for k in w0), "replicas identical after ZeRO-2 steps"
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "replicas identical after the steps"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
@@ -110,8 +113,7 @@ def test_zero_stages_tied_weights_and_export(env, tmp_path, stage):
     for a, b in (("cls.predictions.decoder.weight", "uniter.embeddings.word_embeddings.weight"),
                  ("feat_regress.weight", "uniter.img_embeddings.img_linear.weight")):
         assert torch.equal(sd[a], sd[b]) and torch.equal(final[a], final[b])
-    init = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11)
-    torch.manual_seed(42)
+    torch.manual_seed(42)     # train.py's seed: the initial weights
     init = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11).state_dict()
     assert not torch.equal(sd["uniter.embeddings.word_embeddings.weight"],
                            init["uniter.embeddings.word_embeddings.weight"])
@@ -222,3 +224,45 @@ def test_convergence_itm_and_mlm(env, tmp_path):
     assert val["mlm_synthetic/loss"] <= 0.5 * first, (first, val)
     # the untrained model is at chance on ITM and near log(vocab) on MLM
     assert first > 0.8 * math.log(128)
+
+
+def _fp16_supported():
+    from deepspeed.accelerator import get_accelerator
+    return bool(get_accelerator().is_fp16_supported())
+
+
+@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed: fp16 not supported on this device")
+def test_fp16_overflow_steps_are_skipped(env, tmp_path):
+    from uniter_fast import UniterConfig, UniterForPretraining, config_path
+    with open(DS) as f:
+        ds = json.load(f)
+    ds["bf16"] = {"enabled": False}
+    # a loss scale of 2**60 overflows fp16 on every step
+    ds["fp16"] = {"enabled": True, "initial_scale_power": 60, "loss_scale_window": 1000,
+                  "hysteresis": 1, "min_loss_scale": 1}
+    path = str(tmp_path / "ds16.json")
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    out = str(tmp_path / "f16")
+    _run([sys.executable, TRAIN, "--deepspeed_config", path, "--num_train_steps", "3",
+          "--output_dir", out, "--no_progress", "--debug_rank_files", "--log_steps", "1"], env)
+    end = [r for r in _records(os.path.join(out, "metrics.jsonl")) if r.get("event") == "end"][-1]
+    assert end["skipped_steps"] == 3
+    final = torch.load(os.path.join(out, "final_weights_rank0.pt"))
+    torch.manual_seed(42)
+    init = UniterForPretraining(UniterConfig(config_path("uniter-tiny")), 2048, 11).state_dict()
+    for k in final:   # skipped steps leave the weights untouched (up to the fp16 cast)
+        assert torch.isfinite(final[k]).all()
+        torch.testing.assert_close(final[k], init[k].half().float())
+    # with a sane scale training proceeds after the first overflows
+    ds["fp16"]["initial_scale_power"] = 20
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    out2 = str(tmp_path / "f16b")
+    _run([sys.executable, TRAIN, "--deepspeed_config", path, "--num_train_steps", "12",
+          "--output_dir", out2, "--no_progress", "--debug_rank_files"], env)
+    end = [r for r in _records(os.path.join(out2, "metrics.jsonl")) if r.get("event") == "end"][-1]
+    assert end["skipped_steps"] < 12
+    final = torch.load(os.path.join(out2, "final_weights_rank0.pt"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert not torch.equal(final["itm_output.weight"], init["itm_output.weight"].half().float())
