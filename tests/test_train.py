@@ -59,13 +59,13 @@ def test_main_command_deepspeed_launcher(env, tmp_path):
               "--output_dir", out, "--log_steps", "1", "--save_steps", "6"], env)
     log = p.stdout + p.stderr
     assert "pretrain" in log and "12/12" in log, "tqdm progress bar"
-    assert "itm=" in log and "mlm=" in log, "per-task running losses on the bar"
     steps = _steps(out)
+    seen = {r["task"].split("_")[0] for r in steps.values()}
+    assert len(seen) >= 2 and all(f"{t}=" in log for t in seen), "per-task losses on the bar"
     assert sorted(steps) == list(range(1, 13))
     for r in steps.values():
         assert r["task"].split("_")[0] in ("itm", "mlm", "mrfr", "mrckl")
         assert r["loss"] == r["loss"] and r["lr"] >= 0 and r["tokens_per_s"] > 0
-    assert {r["task"].split("_")[0] for r in steps.values()} >= {"itm", "mlm"}
     val = [r for r in _records(os.path.join(out, "metrics.jsonl"))
            if r.get("event") == "validation"]
     assert val and "itm_synthetic/acc" in val[-1] and "mlm_synthetic/loss" in val[-1]
