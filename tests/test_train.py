@@ -80,10 +80,14 @@ def test_main_command_deepspeed_launcher(env, tmp_path):
 def test_two_ranks_disjoint_data_identical_weights(env, tmp_path, stage):
     out = str(tmp_path / "r2")
     port = str(29500 + random.randrange(1000, 9000))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-          "--master_port", port, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "8",
-          "--output_dir", out, "--no_progress", "--debug_rank_files", "--zero_stage", str(stage),
-          "--valid_steps", "4"], env)
+    args = [TRAIN, "--deepspeed_config", DS, "--num_train_steps", "8", "--output_dir", out,
+            "--no_progress", "--debug_rank_files", "--zero_stage", str(stage),
+            "--valid_steps", "4"]
+    if stage == 2:   # DeepSpeed's launcher starts 2 CPU ranks too
+        _run(["deepspeed", "--num_gpus", "2", "--master_port", port, *args], env)
+    else:
+        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", port, *args], env)
     r0 = _records(os.path.join(out, "metrics_rank0.jsonl"))
     r1 = _records(os.path.join(out, "metrics_rank1.jsonl"))
     assert len(r0) == len(r1) == 8
