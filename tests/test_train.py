@@ -270,3 +270,31 @@ def test_fp16_overflow_steps_are_skipped(env, tmp_path):
     final = torch.load(os.path.join(out2, "final_weights_rank0.pt"))
     assert all(torch.isfinite(v).all() for v in final.values())
     assert not torch.equal(final["itm_output.weight"], init["itm_output.weight"].half().float())
+
+
+def test_config_overrides_map_to_deepspeed(tmp_path):
+    """UNITER's optimizer keys and command-line overrides reach the DeepSpeed config."""
+    from uniter_fast import train
+    cfg = {"output_dir": "x", "num_train_steps": 10, "train_batch_size": 100,
+           "train_datasets": [{}], "model_config": "uniter-tiny", "learning_rate": 5e-5,
+           "grad_norm": 5.0, "betas": [0.9, 0.98], "weight_decay": 0.02,
+           "gradient_accumulation_steps": 2, "warmup_steps": 30}
+    path = str(tmp_path / "u.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    args = train.build_arg_parser().parse_args(
+        ["--config", path, "--deepspeed_config", DS, "--num_train_steps", "20",
+         "--zero_stage", "3", "--precision", "fp32"])
+    c, d = train.load_configs(args)
+    assert c["num_train_steps"] == 20
+    assert d["gradient_clipping"] == 5.0 and d["gradient_accumulation_steps"] == 2
+    assert d["optimizer"]["params"]["lr"] == 5e-5 and d["optimizer"]["params"]["betas"] == [0.9, 0.98]
+    assert d["optimizer"]["params"]["weight_decay"] == 0.02
+    assert d["scheduler"]["params"]["total_num_steps"] == 20
+    assert d["scheduler"]["params"]["warmup_num_steps"] == 20      # capped at the run length
+    assert d["scheduler"]["params"]["warmup_max_lr"] == 5e-5
+    assert d["zero_optimization"]["stage"] == 3
+    assert not d["bf16"]["enabled"] and not d["fp16"]["enabled"]
+    with pytest.raises(ValueError, match="num_train_steps"):
+        train.load_configs(train.build_arg_parser().parse_args(
+            ["--config", path, "--deepspeed_config", DS, "--num_train_steps", "0"]))

@@ -33,7 +33,7 @@ import socket  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 from collections import defaultdict  # noqa: E402
-from typing import Any, Dict, List, Optional  # noqa: E402
+from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -77,7 +77,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_configs(args) -> (Dict[str, Any], Dict[str, Any]):
+def load_configs(args) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     with open(args.config) as f:
         cfg = json.load(f)
     for k in ("output_dir", "num_train_steps", "model_config", "checkpoint", "train_batch_size",
@@ -112,6 +112,18 @@ def load_configs(args) -> (Dict[str, Any], Dict[str, Any]):
         sp["total_num_steps"] = int(cfg["num_train_steps"])
         warm = cfg.get("warmup_steps", sp.get("warmup_num_steps", 0))
         sp["warmup_num_steps"] = int(min(warm, cfg["num_train_steps"]))
+    # UNITER's own optimizer keys, when a training config carries them, win over ds.json
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    op = opt.setdefault("params", {})
+    if cfg.get("grad_norm") is not None:
+        ds["gradient_clipping"] = 0.0 if cfg["grad_norm"] == -1 else float(cfg["grad_norm"])
+    if cfg.get("betas") is not None:
+        op["betas"] = [float(b) for b in cfg["betas"]]
+    if cfg.get("weight_decay") is not None:
+        op["weight_decay"] = float(cfg["weight_decay"])
+    if cfg.get("gradient_accumulation_steps") is not None and \
+            args.gradient_accumulation_steps is None:
+        ds["gradient_accumulation_steps"] = int(cfg["gradient_accumulation_steps"])
     if cfg.get("learning_rate") is not None:
         ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg["learning_rate"]
         if sched and "warmup_max_lr" in sched.get("params", {}):
