@@ -298,3 +298,17 @@ def test_config_overrides_map_to_deepspeed(tmp_path):
     with pytest.raises(ValueError, match="num_train_steps"):
         train.load_configs(train.build_arg_parser().parse_args(
             ["--config", path, "--deepspeed_config", DS, "--num_train_steps", "0"]))
+
+
+def test_gradient_accumulation_one_task_per_optimizer_step(env, tmp_path):
+    out = str(tmp_path / "ga")
+    _run([sys.executable, TRAIN, "--deepspeed_config", DS, "--num_train_steps", "5",
+          "--output_dir", out, "--no_progress", "--gradient_accumulation_steps", "2",
+          "--debug_rank_files", "--log_steps", "1"], env)
+    micro = _records(os.path.join(out, "metrics_rank0.jsonl"))
+    assert len(micro) == 10
+    assert all(micro[i]["task"] == micro[i + 1]["task"] for i in range(0, 10, 2))
+    assert sorted(_steps(out)) == [1, 2, 3, 4, 5]
+    state = torch.load(os.path.join(out, "ckpt", "global_step5", "mp_rank_00_model_states.pt"),
+                       weights_only=False)
+    assert state["global_steps"] == 5

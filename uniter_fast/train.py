@@ -429,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                      "lr": float(engine.get_lr()[0]),
                                      "n_examples": int(batch["input_ids"].size(0))}) + "\n")
             rank_f.flush()
-        if not engine.is_gradient_accumulation_boundary() and micro % accum != 0:
+        if micro % accum != 0:      # not an optimizer step yet (gradient accumulation)
             continue
         global_step += 1
         if pbar is not None:
