@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Union
@@ -54,6 +56,29 @@ def register(op: str, name: str, impl: Callable[[], Callable], *,
     """
     _OPS.setdefault(op, {})[name] = _Backend(
         name, functools.lru_cache(maxsize=None)(impl), available, priority, auto)
+
+
+def triton_available(device: torch.device, dtype: torch.dtype,
+                     dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> Optional[str]:
+    """Availability of a Triton backend: CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1 (the interpreter: a test tool, see :func:`on_cuda`)."""
+    if dtype not in dtypes:
+        return f"needs one of {[str(d).replace('torch.', '') for d in dtypes]}, got {dtype}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"runs on CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}"
+
+
+def on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """``auto=`` predicate for Triton backends: "auto" picks them on CUDA only,
+    never the slow CPU interpreter."""
+    return device.type == "cuda"
 
 
 def registered_backends(op: str) -> List[str]:

@@ -1,6 +1,4 @@
 """Public attention op: ``attention(q, k, v, attn_mask, dropout_p=0.0, scale=None, *, backend="auto")``."""
-import importlib.util
-import os
 from typing import Optional
 
 import torch
@@ -35,22 +33,7 @@ TRITON_MAX_HEAD_DIM = 128  # same limit as the kernel; larger heads fall back un
 
 
 def _triton_available(device, dtype):
-    if dtype not in TRITON_DTYPES:
-        return f"needs fp16/bf16/fp32, got {dtype}"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
-        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-    return f"runs on CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}"
-
-
-def _triton_auto(device, dtype):
-    # "auto" picks triton on CUDA only; on CPU the interpreter is a test tool
-    return device.type == "cuda"
+    return _registry.triton_available(device, dtype, TRITON_DTYPES)
 
 
 def _triton(q, k, v, attn_mask, dropout_p=0.0, scale=None):
@@ -61,7 +44,7 @@ def _triton(q, k, v, attn_mask, dropout_p=0.0, scale=None):
 _registry.register(OP, "reference", _reference, available=_float_only, priority=0)
 _registry.register(OP, "sdpa", lambda: _sdpa, available=_float_only, priority=10)
 _registry.register(OP, "triton", lambda: _triton, available=_triton_available, priority=20,
-                   auto=_triton_auto)
+                   auto=_registry.on_cuda)
 
 
 def check_inputs(q, k, v, attn_mask):

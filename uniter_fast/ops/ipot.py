@@ -11,8 +11,6 @@ CPU only under TRITON_INTERPRET=1 and never picked by "auto" there),
 ``"reference"`` (plain PyTorch).  ``"auto"`` takes the first available in
 that order for the tensors' device.
 """
-import importlib.util
-import os
 from typing import Optional
 
 import torch
@@ -75,22 +73,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_available(device, dtype):
-    if dtype not in TRITON_DTYPES:
-        return f"needs a fp32/fp16/bf16 cost, got {dtype}"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
-        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-    return f"runs on CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}"
-
-
-def _triton_auto(device, dtype):
-    # "auto" never picks the interpreter: on CPU it is a test tool
-    return device.type == "cuda"
+    return _registry.triton_available(device, dtype, TRITON_DTYPES)
 
 
 def _triton():
@@ -105,7 +88,7 @@ def _triton():
 _registry.register(OP, "reference", _reference, priority=0)
 _registry.register(OP, "cpp", _cpp, available=_cpp_available, priority=10)
 _registry.register(OP, "triton", _triton, available=_triton_available, priority=20,
-                   auto=_triton_auto)
+                   auto=_registry.on_cuda)
 _registry.register(OP, "cuda", _cuda, available=_cuda_available, priority=30)
 
 
