@@ -25,47 +25,36 @@ def _reference():
     return _ref.ipot
 
 
-# --- cpp: OpenMP C++ kernel (csrc/ipot_cpu.cpp), the CPU fast path
-CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# --- cpp (csrc/ipot_cpu.cpp, OpenMP over examples: the CPU fast path) and
+# --- cuda (csrc/ipot_cuda.cu, one thread block per example): the C++ extension
+EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _cpp_available(device, dtype):
-    if device.type != "cpu":
-        return f"runs on CPU tensors, not {device.type}"
-    if dtype not in CPP_DTYPES:
-        return f"needs a float cost, got {dtype}"
-    from .. import _ext
-    return _ext.cpu_unavailable_reason()
+def _ext_backend(device_type: str):
+    """(availability, loader) of the extension's ``ipot_{cpu,cuda}`` for one device type."""
+    kind = "cpu" if device_type == "cpu" else "cuda"
+
+    def available(device, dtype):
+        if device.type != device_type:
+            return f"runs on {device_type.upper()} tensors, not {device.type}"
+        if dtype not in EXT_DTYPES:
+            return f"needs a float cost, got {dtype}"
+        from .. import _ext
+        return getattr(_ext, f"{kind}_unavailable_reason")()
+
+    def load():
+        from .. import _ext
+        fn = getattr(getattr(_ext, f"{kind}_module")(), f"ipot_{kind}")
+
+        def ipot_ext(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+            return fn(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
+                      _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
+        return ipot_ext
+    return available, load
 
 
-def _cpp():
-    from .. import _ext
-    mod = _ext.cpu_module()
-
-    def ipot_cpp(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
-        return mod.ipot_cpu(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
-                            _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
-    return ipot_cpp
-
-
-# --- cuda: one thread block per example (csrc/ipot_cuda.cu)
-def _cuda_available(device, dtype):
-    if device.type != "cuda":
-        return f"runs on CUDA tensors, not {device.type}"
-    if dtype not in CPP_DTYPES:
-        return f"needs a float cost, got {dtype}"
-    from .. import _ext
-    return _ext.cuda_unavailable_reason()
-
-
-def _cuda():
-    from .. import _ext
-    mod = _ext.cuda_module()
-
-    def ipot_cuda(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
-        return mod.ipot_cuda(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
-                             _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
-    return ipot_cuda
+_cpp_available, _cpp = _ext_backend("cpu")
+_cuda_available, _cuda = _ext_backend("cuda")
 
 
 # --- triton: one program per example (kernels/ipot_triton.py)
