@@ -40,6 +40,12 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _inv_scaled(x, valid, length):
+    """1 / (length · x) on valid positions, 0 elsewhere (no division by a padded 0)."""
+    return tl.where(valid, 1.0 / (length * tl.where(valid, x, 1.0)), 0.0)
+
+
+@triton.jit
 def _ipot_kernel(C_ptr, tpad_ptr, ipad_ptr, out_ptr, ws_ptr,
                  M, N, s_cb, s_cm, s_cn, s_tb, s_tm, s_ib, s_in,
                  beta, iteration, k,
@@ -79,20 +85,20 @@ def _ipot_kernel(C_ptr, tpad_ptr, ipad_ptr, out_ptr, ws_ptr,
         Q = A
         sigma = tl.where(vm, 1.0 / ml_s, 0.0)
         tmp = tl.sum(Q * sigma[:, None], 0)
-        delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+        delta = _inv_scaled(tmp, vn, nl_s)
         T = Q
         for it in range(IT_I if IT_I > 0 else iteration):
             for kk in range(K_I - 1 if K_I > 0 else k - 1):
                 s = tl.sum(Q * delta[None, :], 1)
-                sigma = tl.where(vm, 1.0 / (ml_s * tl.where(vm, s, 1.0)), 0.0)
+                sigma = _inv_scaled(s, vm, ml_s)
                 tmp = tl.sum(Q * sigma[:, None], 0)
-                delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+                delta = _inv_scaled(tmp, vn, nl_s)
             s = tl.sum(Q * delta[None, :], 1)
-            sigma = tl.where(vm, 1.0 / (ml_s * tl.where(vm, s, 1.0)), 0.0)
+            sigma = _inv_scaled(s, vm, ml_s)
             T = (delta[None, :] * Q) * sigma[:, None]
             Q = A * T
             tmp = tl.sum(Q * sigma[:, None], 0)
-            delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+            delta = _inv_scaled(tmp, vn, nl_s)
         tl.store(out_b + offs_n[None, :] * M + offs_m[:, None], T,
                  mask=in_m[:, None] & in_n[None, :])
     else:
@@ -115,7 +121,7 @@ def _ipot_kernel(C_ptr, tpad_ptr, ipad_ptr, out_ptr, ws_ptr,
             tl.store(Q_b + io, a, mask=io_mask)
             sig = tl.where(vr, 1.0 / ml_s, 0.0)
             tmp += tl.sum(a * sig[:, None], 0)
-        delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+        delta = _inv_scaled(tmp, vn, nl_s)
         tl.debug_barrier()
         for it in range(IT_I if IT_I > 0 else iteration):
             for kk in range(K_I - 1 if K_I > 0 else k - 1):
@@ -128,9 +134,9 @@ def _ipot_kernel(C_ptr, tpad_ptr, ipad_ptr, out_ptr, ws_ptr,
                     io = rows[:, None] * N + offs_n[None, :]
                     q = tl.load(Q_b + io, mask=in_r[:, None] & in_n[None, :], other=0.0)
                     s = tl.sum(q * delta[None, :], 1)
-                    sig = tl.where(vr, 1.0 / (ml_s * tl.where(vr, s, 1.0)), 0.0)
+                    sig = _inv_scaled(s, vr, ml_s)
                     tmp += tl.sum(q * sig[:, None], 0)
-                delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+                delta = _inv_scaled(tmp, vn, nl_s)
             last = it == iteration - 1
             keep = it != iteration - 1
             tmp = tl.zeros([BN], dtype=tl.float32)
@@ -144,13 +150,13 @@ def _ipot_kernel(C_ptr, tpad_ptr, ipad_ptr, out_ptr, ws_ptr,
                 q = tl.load(Q_b + io, mask=io_mask, other=0.0)
                 a = tl.load(A_b + io, mask=io_mask, other=0.0)
                 s = tl.sum(q * delta[None, :], 1)
-                sig = tl.where(vr, 1.0 / (ml_s * tl.where(vr, s, 1.0)), 0.0)
+                sig = _inv_scaled(s, vr, ml_s)
                 t = (delta[None, :] * q) * sig[:, None]
                 qn = a * t
                 tl.store(Q_b + io, qn, mask=io_mask & keep)
                 tl.store(out_b + offs_n[None, :] * M + rows[:, None], t, mask=io_mask & last)
                 tmp += tl.sum(qn * sig[:, None], 0)
-            delta = tl.where(vn, 1.0 / (nl_s * tl.where(vn, tmp, 1.0)), 0.0)
+            delta = _inv_scaled(tmp, vn, nl_s)
             tl.debug_barrier()
 
 
