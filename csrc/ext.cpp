@@ -18,6 +18,10 @@ void check_ipot_args(const torch::Tensor& C, const torch::Tensor& txt_pad,
                      const torch::Tensor& img_pad, double beta, int64_t iteration, int64_t k);
 torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
                        double beta, int64_t iteration, int64_t k);
+std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torch::Tensor txt_pad,
+                                                           torch::Tensor img_pad, double beta,
+                                                           int64_t iteration, int64_t k);
+torch::Tensor exp_f32_cpu(torch::Tensor x);
 
 #ifdef UNITER_FAST_WITH_CUDA
 torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
@@ -63,6 +67,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "iteration, k) -> T [B,N,M] float32",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
         py::arg("iteration"), py::arg("k"));
+  m.def("ipot_distance_cpu", &uniter_fast::ipot_distance_cpu,
+        "Batched IPOT plan and WRA distance on CPU: same arguments as ipot_cpu -> "
+        "(T [B,N,M] float32, trace(C T) [B] float32 over the real block)",
+        py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
+        py::arg("iteration"), py::arg("k"));
+  m.def("exp_f32_cpu", &uniter_fast::exp_f32_cpu,
+        "The IPOT kernel's vectorised float32 exp (exposed for its accuracy test)", py::arg("x"));
 #ifdef UNITER_FAST_WITH_CUDA
   m.def("ipot_cuda", &uniter_fast::ipot_cuda, "Batched IPOT plan on CUDA (same contract)",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),

@@ -2,11 +2,11 @@
 // contiguous float32 copy of the example's real m x n block.
 //
 // Contract (same as uniter_fast.reference.ipot):
-//   C [B, M, N] (float32 / float16 / bfloat16 / float64; upcast to float32,
-//   A = exp(-C / beta) computed once by ATen for the whole batch),
+//   C [B, M, N] (float32 / float16 / bfloat16 / float64; read as float32),
 //   txt_pad [B, M], img_pad [B, N] bool (true = padded, any pattern),
 //   returns the plan T [B, N, M] float32, zero on padded rows/columns and for
-//   examples whose text or image side is empty.
+//   examples whose text or image side is empty; ipot_distance_cpu also
+//   returns trace(C T) = sum over the real block of C * T per example.
 //
 // Per example, with rows i = real text tokens (m of them) and columns
 // j = real regions (n of them), A = exp(-C / beta), T0 = 1, sigma0 = 1/m:
@@ -14,19 +14,35 @@
 //     Q = A * T
 //     repeat k times: delta = 1 / (n * Q^T sigma);  sigma = 1 / (m * Q delta)
 //     T = delta * Q * sigma
-// One fused pass over the rows per iteration: row i gives sigma_i (a dot
-// product with delta), the new row of Q = A * T, and its contribution to the
-// next Q^T sigma (an axpy), so Q is read from cache once per iteration.
+//
+// Layout and speed: A and Q are m x L row-major with L = n rounded up to a
+// multiple of 16 floats (zeros in the padding columns, delta = 0 there), so
+// every row is whole 16-lane vectors (GCC/Clang vector extensions: one
+// AVX-512 register, two AVX2 or four SSE registers; runtime dispatch through
+// target_clones).  One pass over four rows at a time per iteration: the rows'
+// dot products with delta give sigma (tree reductions, no scalar tail), then
+// Q = A * T for those rows and their contribution to the next Q^T sigma.
+// A = exp(-C / beta) is computed here, only on the real block, with a
+// vectorised exp (Cody-Waite reduction, degree-7 polynomial, <= 2 ulp).
+// The plan's negligible entries decay towards float32's subnormal range,
+// where x86 arithmetic is many times slower: the kernel runs with
+// flush-to-zero / denormals-are-zero (restored afterwards); this changes
+// entries below 1.2e-38 only.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define UF_HAVE_MXCSR 1
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && \
@@ -37,134 +53,208 @@
 #else
 #define UF_HOT
 #endif
+#define UF_INL static inline __attribute__((always_inline))
 
 namespace uniter_fast {
 namespace {
 
+constexpr int64_t kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+UF_INL vf splat(float x) { return vf{} + x; }
+UF_INL vf ld(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+UF_INL void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+// Tree reduction (GCC's own reduction epilogue sums the 16 lanes one by one).
+UF_INL float hsum(vf v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// exp(x) lane-wise in float32: x = n ln2 + r with |r| <= ln2 / 2 (two-part
+// ln2, exact n ln2_hi), e^r by its degree-7 Taylor polynomial (truncation
+// 5e-9 relative), times 2^n applied as two normal powers of two so results
+// down to the subnormal range round once.  exp(>88.73) = inf, exp(<-104) = 0,
+// NaN stays NaN.
+UF_INL vf vexp(vf x) {
+  vf xc = x < splat(-110.0f) ? splat(-110.0f) : x;
+  xc = xc > splat(89.0f) ? splat(89.0f) : xc;
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf fn = (xc * splat(1.44269504088896341f) + shifter) - shifter;
+  vf r = xc - fn * splat(0.693359375f);
+  r = r - fn * splat(-2.12194440e-4f);
+  vf p = splat(1.0f / 5040.0f);
+  p = p * r + splat(1.0f / 720.0f);
+  p = p * r + splat(1.0f / 120.0f);
+  p = p * r + splat(1.0f / 24.0f);
+  p = p * r + splat(1.0f / 6.0f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const vi n = __builtin_convertvector(fn, vi);
+  const vi n1 = n >> 1;
+  const vi b1 = (n1 + 127) << 23;
+  const vi b2 = ((n - n1) + 127) << 23;
+  vf s1, s2;
+  __builtin_memcpy(&s1, &b1, sizeof s1);
+  __builtin_memcpy(&s2, &b2, sizeof s2);
+  const vf res = (p * s1) * s2;
+  return x != x ? x : res;
+}
+
+UF_HOT void vexp_array(const float* in, float* out, int64_t count) {
+  int64_t c = 0;
+  for (; c + kLanes <= count; c += kLanes) st(out + c, vexp(ld(in + c)));
+  if (c < count) {
+    float buf[kLanes] = {};
+    std::copy(in + c, in + count, buf);
+    st(buf, vexp(ld(buf)));
+    std::copy(buf, buf + (count - c), out + c);
+  }
+}
+
+// Flush-to-zero / denormals-are-zero for the current thread, restored on scope exit.
+struct FlushDenormals {
+#ifdef UF_HAVE_MXCSR
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 struct Workspace {
-  std::vector<float> A, Q, delta, sigma, tmp;
+  std::vector<float> A, Q, delta, sigma, tmp, row;
   std::vector<int64_t> rows, cols;
 };
 
-// The iterations on one example's compact block.  A and Q are m x n row-major
-// (Q starts equal to A); on return Q holds the plan T = delta * Q * sigma.
-UF_HOT static void ipot_block(const float* __restrict A, float* __restrict Q,
-                              float* __restrict delta, float* __restrict sigma,
-                              float* __restrict tmp, int64_t m, int64_t n,
-                              int64_t iteration, int64_t k) {
-  const float ml = static_cast<float>(m);
+// delta_j = 1 / (n * sum_i Q_ij sigma_i) on the n real columns, 0 on the padding.
+UF_INL void delta_from(const float* __restrict tmp, float* __restrict delta, int64_t n,
+                       int64_t L) {
   const float nl = static_cast<float>(n);
-  // Q = A * 1; sigma = 1/m; first delta from Q^T sigma.
-  for (int64_t i = 0; i < m; ++i) sigma[i] = 1.0f / ml;
-  for (int64_t j = 0; j < n; ++j) tmp[j] = 0.0f;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* __restrict q = Q + i * n;
-    const float s = sigma[i];
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) tmp[j] += q[j] * s;
-  }
   for (int64_t j = 0; j < n; ++j) delta[j] = 1.0f / (nl * tmp[j]);
+  for (int64_t j = n; j < L; ++j) delta[j] = 0.0f;
+}
+
+// sigma for one row from its dot product with delta; then (k > 1) its share of Q^T sigma.
+UF_INL void sigma_sweep(const float* __restrict Q, const float* __restrict delta,
+                        float* __restrict sigma, float* __restrict tmp, int64_t m, int64_t L) {
+  const float ml = static_cast<float>(m);
+  const int64_t nv = L / kLanes;
+  for (int64_t c = 0; c < nv; ++c) st(tmp + c * kLanes, vf{});
+  for (int64_t i = 0; i < m; ++i) {
+    const float* q = Q + i * L;
+    vf s = {};
+    for (int64_t c = 0; c < nv; ++c) s += ld(delta + c * kLanes) * ld(q + c * kLanes);
+    const float g = 1.0f / (ml * hsum(s));
+    sigma[i] = g;
+    for (int64_t c = 0; c < nv; ++c)
+      st(tmp + c * kLanes, ld(tmp + c * kLanes) + ld(q + c * kLanes) * g);
+  }
+}
+
+// The iterations on one example's compact block.  A and Q are m x L (Q
+// starts equal to A, both zero in columns >= n); on return Q holds the plan
+// T = delta * Q * sigma (zero in the padding columns).
+UF_HOT void ipot_block(const float* __restrict A, float* __restrict Q, float* __restrict delta,
+                       float* __restrict sigma, float* __restrict tmp, int64_t m, int64_t n,
+                       int64_t L, int64_t iteration, int64_t k) {
+  const float ml = static_cast<float>(m);
+  const int64_t nv = L / kLanes;
+  // T0 = 1 so Q = A; sigma0 = 1/m; first delta from Q^T sigma0.
+  for (int64_t c = 0; c < nv; ++c) st(tmp + c * kLanes, vf{});
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < nv; ++c)
+      st(tmp + c * kLanes, ld(tmp + c * kLanes) + ld(Q + i * L + c * kLanes) * (1.0f / ml));
+  delta_from(tmp, delta, n, L);
 
   for (int64_t it = 0; it < iteration; ++it) {
-    // extra inner (k > 1) sweeps with Q fixed
-    for (int64_t kk = 0; kk + 1 < k; ++kk) {
-      for (int64_t j = 0; j < n; ++j) tmp[j] = 0.0f;
-      for (int64_t i = 0; i < m; ++i) {
-        const float* __restrict q = Q + i * n;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < n; ++j) s += delta[j] * q[j];
-        const float sig = 1.0f / (ml * s);
-        sigma[i] = sig;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) tmp[j] += q[j] * sig;
-      }
-      for (int64_t j = 0; j < n; ++j) delta[j] = 1.0f / (nl * tmp[j]);
+    for (int64_t kk = 0; kk + 1 < k; ++kk) {  // extra inner sweeps with Q fixed
+      sigma_sweep(Q, delta, sigma, tmp, m, L);
+      delta_from(tmp, delta, n, L);
     }
     const bool last = it + 1 == iteration;
-    for (int64_t j = 0; j < n; ++j) tmp[j] = 0.0f;
+    for (int64_t c = 0; c < nv; ++c) st(tmp + c * kLanes, vf{});
     int64_t i = 0;
-    // four rows at a time: delta and tmp are loaded/stored once per four rows
     for (; i + 4 <= m; i += 4) {
-      float* __restrict q0 = Q + i * n;
-      float* __restrict q1 = q0 + n;
-      float* __restrict q2 = q1 + n;
-      float* __restrict q3 = q2 + n;
-      const float* __restrict a0 = A + i * n;
-      const float* __restrict a1 = a0 + n;
-      const float* __restrict a2 = a1 + n;
-      const float* __restrict a3 = a2 + n;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t j = 0; j < n; ++j) {
-        const float d = delta[j];
-        s0 += d * q0[j];
-        s1 += d * q1[j];
-        s2 += d * q2[j];
-        s3 += d * q3[j];
+      float* q0 = Q + i * L;
+      const float* a0 = A + i * L;
+      vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      for (int64_t c = 0; c < nv; ++c) {
+        const int64_t o = c * kLanes;
+        const vf d = ld(delta + o);
+        s0 += d * ld(q0 + o);
+        s1 += d * ld(q0 + L + o);
+        s2 += d * ld(q0 + 2 * L + o);
+        s3 += d * ld(q0 + 3 * L + o);
       }
-      const float g0 = 1.0f / (ml * s0), g1 = 1.0f / (ml * s1);
-      const float g2 = 1.0f / (ml * s2), g3 = 1.0f / (ml * s3);
+      const float g0 = 1.0f / (ml * hsum(s0)), g1 = 1.0f / (ml * hsum(s1));
+      const float g2 = 1.0f / (ml * hsum(s2)), g3 = 1.0f / (ml * hsum(s3));
       sigma[i] = g0;
       sigma[i + 1] = g1;
       sigma[i + 2] = g2;
       sigma[i + 3] = g3;
       if (last) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float d = delta[j];
-          q0[j] = (d * q0[j]) * g0;
-          q1[j] = (d * q1[j]) * g1;
-          q2[j] = (d * q2[j]) * g2;
-          q3[j] = (d * q3[j]) * g3;
+        for (int64_t c = 0; c < nv; ++c) {
+          const int64_t o = c * kLanes;
+          const vf d = ld(delta + o);
+          st(q0 + o, (d * ld(q0 + o)) * g0);
+          st(q0 + L + o, (d * ld(q0 + L + o)) * g1);
+          st(q0 + 2 * L + o, (d * ld(q0 + 2 * L + o)) * g2);
+          st(q0 + 3 * L + o, (d * ld(q0 + 3 * L + o)) * g3);
         }
       } else {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float d = delta[j];
-          const float n0 = a0[j] * ((d * q0[j]) * g0);
-          const float n1 = a1[j] * ((d * q1[j]) * g1);
-          const float n2 = a2[j] * ((d * q2[j]) * g2);
-          const float n3 = a3[j] * ((d * q3[j]) * g3);
-          q0[j] = n0;
-          q1[j] = n1;
-          q2[j] = n2;
-          q3[j] = n3;
-          tmp[j] += (n0 * g0 + n1 * g1) + (n2 * g2 + n3 * g3);
+        for (int64_t c = 0; c < nv; ++c) {
+          const int64_t o = c * kLanes;
+          const vf d = ld(delta + o);
+          const vf x0 = ld(a0 + o) * ((d * ld(q0 + o)) * g0);
+          const vf x1 = ld(a0 + L + o) * ((d * ld(q0 + L + o)) * g1);
+          const vf x2 = ld(a0 + 2 * L + o) * ((d * ld(q0 + 2 * L + o)) * g2);
+          const vf x3 = ld(a0 + 3 * L + o) * ((d * ld(q0 + 3 * L + o)) * g3);
+          st(q0 + o, x0);
+          st(q0 + L + o, x1);
+          st(q0 + 2 * L + o, x2);
+          st(q0 + 3 * L + o, x3);
+          st(tmp + o, ld(tmp + o) + ((x0 * g0 + x1 * g1) + (x2 * g2 + x3 * g3)));
         }
       }
     }
     for (; i < m; ++i) {
-      float* __restrict q = Q + i * n;
-      const float* __restrict a = A + i * n;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) s += delta[j] * q[j];
-      const float sig = 1.0f / (ml * s);
-      sigma[i] = sig;
-      if (last) {
-        // Q now holds the final plan T (row i of the m x n block)
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) q[j] = (delta[j] * q[j]) * sig;
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float qn = a[j] * ((delta[j] * q[j]) * sig);
-          q[j] = qn;
-          tmp[j] += qn * sig;
+      float* q = Q + i * L;
+      const float* a = A + i * L;
+      vf s = {};
+      for (int64_t c = 0; c < nv; ++c) s += ld(delta + c * kLanes) * ld(q + c * kLanes);
+      const float g = 1.0f / (ml * hsum(s));
+      sigma[i] = g;
+      for (int64_t c = 0; c < nv; ++c) {
+        const int64_t o = c * kLanes;
+        const vf t = (ld(delta + o) * ld(q + o)) * g;
+        if (last) {
+          st(q + o, t);  // Q now holds the final plan T (row i)
+        } else {
+          const vf x = ld(a + o) * t;
+          st(q + o, x);
+          st(tmp + o, ld(tmp + o) + x * g);
         }
       }
     }
-    if (!last)
-      for (int64_t j = 0; j < n; ++j) delta[j] = 1.0f / (nl * tmp[j]);
+    if (!last) delta_from(tmp, delta, n, L);
   }
 }
 
-// A_b: this example's exp(-C/beta) [M, N] (row stride sAm, contiguous rows);
-// out_b: its [N, M] output slab, fully written here (zeros off the real block).
-void ipot_example(const float* A_b, int64_t sAm, const bool* tpad, int64_t stp,
-                  const bool* ipad, int64_t sip, int64_t M, int64_t N, int64_t iteration,
-                  int64_t k, float* out, Workspace& ws) {
+// Ccf: this example's float32 cost [M, N] with strides (sCm, sCn);
+// out_b: its [N, M] output slab, fully written here (zeros off the real block);
+// dist (optional): sum over the real block of C * T.
+void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const bool* tpad,
+                  int64_t stp, const bool* ipad, int64_t sip, int64_t M, int64_t N,
+                  int64_t iteration, int64_t k, float* out, float* dist, Workspace& ws) {
   ws.rows.clear();
   ws.cols.clear();
   for (int64_t i = 0; i < M; ++i)
@@ -174,50 +264,70 @@ void ipot_example(const float* A_b, int64_t sAm, const bool* tpad, int64_t stp,
   const int64_t m = static_cast<int64_t>(ws.rows.size());
   const int64_t n = static_cast<int64_t>(ws.cols.size());
   if (m < M || n < N || m == 0) std::fill(out, out + N * M, 0.0f);
+  if (dist) *dist = 0.0f;
   if (m == 0 || n == 0) return;
-  ws.A.resize(m * n);
-  ws.Q.resize(m * n);
-  ws.delta.resize(n);
-  ws.tmp.resize(n);
+  const int64_t L = (n + kLanes - 1) / kLanes * kLanes;
+  ws.A.resize(m * L);
+  ws.Q.resize(m * L);
+  ws.delta.resize(L);
+  ws.tmp.resize(L);
+  ws.row.resize(L);
   ws.sigma.resize(m);
   float* A = ws.A.data();
-  float* Q = ws.Q.data();
+  float* row = ws.row.data();
+  // A = exp(-C / beta) on the real block (the reference's float32 -C / beta),
+  // zero in the padding columns (exp(-inf)).
   for (int64_t i = 0; i < m; ++i) {
-    const float* arow = A_b + ws.rows[i] * sAm;
-    if (n == N) {
-      std::copy(arow, arow + N, A + i * n);
-    } else {
-      for (int64_t j = 0; j < n; ++j) A[i * n + j] = arow[ws.cols[j]];
+    const float* crow = Cb + ws.rows[i] * sCm;
+    for (int64_t j = 0; j < n; ++j) row[j] = -crow[ws.cols[j] * sCn] / beta;
+    for (int64_t j = n; j < L; ++j) row[j] = -std::numeric_limits<float>::infinity();
+    vexp_array(row, A + i * L, L);
+  }
+  std::copy(A, A + m * L, ws.Q.data());
+  ipot_block(A, ws.Q.data(), ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, L,
+             iteration, k);
+  // out is [N, M]: out[col, row] = T[i, j]
+  const float* Q = ws.Q.data();
+  double acc = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* q = Q + i * L;
+    const int64_t r = ws.rows[i];
+    for (int64_t j = 0; j < n; ++j) out[ws.cols[j] * M + r] = q[j];
+    if (dist) {
+      const float* crow = Cb + r * sCm;
+      for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(crow[ws.cols[j] * sCn]) * q[j];
     }
   }
-  std::copy(A, A + m * n, Q);
-  ipot_block(A, Q, ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, iteration, k);
-  // out is [N, M]: out[col, row] = T[i, j]
-  for (int64_t j = 0; j < n; ++j) {
-    float* orow = out + ws.cols[j] * M;
-    for (int64_t i = 0; i < m; ++i) orow[ws.rows[i]] = Q[i * n + j];
-  }
+  if (dist) *dist = static_cast<float>(acc);
 }
 
-void ipot_batch(const float* Ap, int64_t B, int64_t M, int64_t N, int64_t sAb, int64_t sAm,
-                const bool* tp, int64_t stb, int64_t stm, const bool* ip, int64_t sib,
-                int64_t sin, int64_t iteration, int64_t k, float* out) {
+void ipot_batch(const float* Cp, int64_t B, int64_t M, int64_t N, int64_t sCb, int64_t sCm,
+                int64_t sCn, float beta, const bool* tp, int64_t stb, int64_t stm,
+                const bool* ip, int64_t sib, int64_t sin, int64_t iteration, int64_t k,
+                float* out, float* dist) {
 #ifdef _OPENMP
   const int nthreads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)));
 #pragma omp parallel num_threads(nthreads)
 #endif
   {
+    FlushDenormals ftz;
     Workspace ws;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t b = 0; b < B; ++b) {
-      ipot_example(Ap + b * sAb, sAm, tp + b * stb, stm, ip + b * sib, sin, M, N, iteration, k,
-                   out + b * N * M, ws);
+      ipot_example(Cp + b * sCb, sCm, sCn, beta, tp + b * stb, stm, ip + b * sib, sin, M, N,
+                   iteration, k, out + b * N * M, dist ? dist + b : nullptr, ws);
     }
   }
 }
+
+std::tuple<torch::Tensor, torch::Tensor> ipot_cpu_impl(const torch::Tensor& C,
+                                                       const torch::Tensor& txt_pad,
+                                                       const torch::Tensor& img_pad, double beta,
+                                                       int64_t iteration, int64_t k,
+                                                       bool with_distance);
 
 }  // namespace
 
@@ -240,20 +350,47 @@ void check_ipot_args(const torch::Tensor& C, const torch::Tensor& txt_pad,
                     "txt_pad/img_pad must be on C's device ", C.device());
 }
 
-torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
-                       double beta, int64_t iteration, int64_t k) {
+namespace {
+std::tuple<torch::Tensor, torch::Tensor> ipot_cpu_impl(const torch::Tensor& C,
+                                                       const torch::Tensor& txt_pad,
+                                                       const torch::Tensor& img_pad, double beta,
+                                                       int64_t iteration, int64_t k,
+                                                       bool with_distance) {
   check_ipot_args(C, txt_pad, img_pad, beta, iteration, k);
   TORCH_CHECK_VALUE(C.device().is_cpu(), "ipot_cpu needs CPU tensors; got ", C.device());
   const int64_t B = C.size(0), M = C.size(1), N = C.size(2);
-  if (B == 0 || M == 0 || N == 0) return torch::zeros({B, N, M}, C.options().dtype(torch::kFloat32));
-  auto out = torch::empty({B, N, M}, C.options().dtype(torch::kFloat32));
-  // A = exp(-C / beta) with ATen's vectorized, threaded exp: the same float32
-  // operations as the reference, so A is bit-identical to it.
-  const auto A = torch::exp(-C.to(torch::kFloat32) / beta).contiguous();
-  ipot_batch(A.data_ptr<float>(), B, M, N, A.stride(0), A.stride(1), txt_pad.data_ptr<bool>(),
-             txt_pad.stride(0), txt_pad.stride(1), img_pad.data_ptr<bool>(), img_pad.stride(0),
-             img_pad.stride(1), iteration, k, out.data_ptr<float>());
-  return out;
+  const auto f32 = C.options().dtype(torch::kFloat32);
+  if (B == 0 || M == 0 || N == 0) return {torch::zeros({B, N, M}, f32), torch::zeros({B}, f32)};
+  auto out = torch::empty({B, N, M}, f32);
+  auto dist = with_distance ? torch::empty({B}, f32) : torch::Tensor();
+  const auto Cf = C.to(torch::kFloat32);  // (no copy when C is float32: any strides)
+  ipot_batch(Cf.data_ptr<float>(), B, M, N, Cf.stride(0), Cf.stride(1), Cf.stride(2),
+             static_cast<float>(beta), txt_pad.data_ptr<bool>(), txt_pad.stride(0),
+             txt_pad.stride(1), img_pad.data_ptr<bool>(), img_pad.stride(0), img_pad.stride(1),
+             iteration, k, out.data_ptr<float>(), with_distance ? dist.data_ptr<float>() : nullptr);
+  return {out, dist};
+}
+}  // namespace
+
+torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
+                       double beta, int64_t iteration, int64_t k) {
+  return std::get<0>(ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, false));
+}
+
+std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torch::Tensor txt_pad,
+                                                           torch::Tensor img_pad, double beta,
+                                                           int64_t iteration, int64_t k) {
+  return ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, true);
+}
+
+torch::Tensor exp_f32_cpu(torch::Tensor x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == torch::kFloat32,
+                    "exp_f32_cpu needs a float32 CPU tensor; got ", x.scalar_type(), " on ",
+                    x.device());
+  const auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  vexp_array(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
 }
 
 }  // namespace uniter_fast

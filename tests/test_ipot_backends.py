@@ -201,6 +201,71 @@ def test_cpp_bad_input_raises_value_error():
         ops.ipot(C, tp.float(), ip, backend="cpp")   # float pads are not masks
 
 
+@requires_cpp
+@pytest.mark.parametrize("chunk", range(3))
+def test_cpp_fused_distance_and_grad_match_reference(chunk):
+    """ipot_distance on cpp (plan and trace(C·T) in one kernel pass, gradient
+    by _FusedDistance) against the reference twin: 60 seeded cases."""
+    for seed in range(9000 + chunk * 20, 9000 + chunk * 20 + 20):
+        C, tp, ip, beta, iteration = random_case(seed, max_b=16)
+        C = C.masked_fill(tp[:, :, None] | ip[:, None, :], 0).requires_grad_()
+        d = ops.ipot_distance(C, tp, ip, beta, iteration, backend="cpp")
+        C_r = C.detach().clone().requires_grad_()
+        d_r = ref.ipot_distance(C_r, tp, ip, beta, iteration)
+        assert d.dtype == torch.float32 and d.shape == d_r.shape
+        assert not torch.isnan(d).any()
+        assert torch.all((d - d_r).abs() <= DIST_RTOL * d_r.abs() + 1e-7), (seed, d, d_r)
+        w = torch.rand(d.shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+        (g,) = torch.autograd.grad((d * w).sum(), C)
+        (g_r,) = torch.autograd.grad((d_r * w).sum(), C_r)
+        assert g.dtype == C.dtype
+        # grad = w * Tᵀ: plans agree to PLAN_ATOL (w <= 1.5), then both round to C's dtype
+        rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[C.dtype]
+        torch.testing.assert_close(g.float(), g_r.float(), atol=1.5 * PLAN_ATOL, rtol=rtol)
+
+
+@requires_cpp
+def test_cpp_fused_distance_ignores_padded_cost_and_empty_examples():
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(4, 9, 14, generator=g) * 2
+    tp = torch.arange(9)[None] >= torch.tensor([9, 4, 0, 6])[:, None]
+    ip = torch.arange(14)[None] >= torch.tensor([14, 11, 5, 0])[:, None]
+    d = ops.ipot_distance(C, tp, ip, backend="cpp")        # C not masked: padding is ignored
+    d_masked = ref.ipot_distance(C.masked_fill(tp[:, :, None] | ip[:, None, :], 0), tp, ip)
+    assert torch.all((d - d_masked).abs() <= DIST_RTOL * d_masked.abs() + 1e-7)
+    assert d[2] == 0 and d[3] == 0 and d[0] > 0 and d[1] > 0
+
+
+@requires_cpp
+def test_cpp_exp_accuracy():
+    """The kernel computes A = exp(-C/beta) with its own vectorised exp."""
+    mod = _ext.cpu_module()
+    x = torch.cat([torch.linspace(-115.0, 95.0, 100003), torch.rand(5001) * -30,
+                   torch.tensor([0.0, -0.0, 1e-8, -1e-8, 88.72, 88.73, -87.33, -103.9, -104.0])])
+    y = mod.exp_f32_cpu(x).double()
+    exact = torch.exp(x.double())
+    tiny = torch.finfo(torch.float32).tiny
+    normal = (exact >= tiny) & (exact <= torch.finfo(torch.float32).max)
+    rel = ((y - exact).abs() / exact)[normal]
+    assert rel.max().item() <= 1.5e-7            # <= ~1.3 ulp (torch.exp: ~1.1 ulp)
+    sub = exact < tiny                            # subnormal results: within one subnormal step
+    assert ((y - exact).abs()[sub] <= 1.41e-45).all()
+    assert torch.isinf(y[exact > 3.5e38]).all()
+    special = mod.exp_f32_cpu(torch.tensor([float("nan"), float("inf"), -float("inf")]))
+    assert torch.isnan(special[0]) and special[1] == float("inf") and special[2] == 0
+
+
+@requires_cpp
+def test_cpp_kernel_restores_denormal_mode():
+    # the kernel flushes subnormals while it runs (x86); the caller's mode must be back after
+    C, tp, ip, beta, iteration = random_case(4, max_b=4)
+    tiny = torch.tensor([1e-39])
+    assert (tiny * 1.0).item() > 0
+    ops.ipot(C, tp, ip, beta, iteration, backend="cpp")
+    ops.ipot_distance(C, tp, ip, beta, iteration, backend="cpp")
+    assert (tiny * 1.0).item() > 0
+
+
 def test_ext_missing_sources_is_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(_ext, "csrc_dir", lambda: str(tmp_path))
     with pytest.raises(_ext.ExtensionUnavailableError, match="no C.. sources"):

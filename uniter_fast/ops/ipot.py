@@ -1,8 +1,11 @@
 """Public IPOT / WRA ops.
 
 ``ipot(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1, *, backend="auto")``
-returns the transport plan [B, N, M] (float32); ``optimal_transport_dist``
-returns UNITER's WRA distance per example with gradient through the cost only.
+returns the transport plan [B, N, M] (float32); ``ipot_distance(C, ...)``
+returns trace(C·T) per example from a cost, and ``optimal_transport_dist``
+UNITER's WRA distance from the embeddings, both with gradient through the
+cost only.  Backends that compute the distance in the same pass as the plan
+(``cpp``) do so; the others get it from their plan as the reference does.
 
 Backends (``backend=``): ``"cuda"`` (csrc/ipot_cuda.cu, one block per
 example), ``"triton"`` (kernels/ipot_triton.py, one program per example; on
@@ -49,6 +52,14 @@ def _ext_backend(device_type: str):
         def ipot_ext(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
             return fn(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
                       _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
+
+        fused = getattr(getattr(_ext, f"{kind}_module")(), f"ipot_distance_{kind}", None)
+        if fused is not None:
+            def plan_and_distance(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+                return fused(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
+                             _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration),
+                             int(k))
+            ipot_ext.with_distance = plan_and_distance
         return ipot_ext
     return available, load
 
@@ -103,11 +114,50 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     return fn(C.detach(), txt_pad, img_pad, float(beta), int(iteration), int(k))
 
 
+class _FusedDistance(torch.autograd.Function):
+    """trace(C·T) from a kernel that returns (T, distance) in one pass.
+
+    Forward runs the kernel on the detached cost; backward is the reference's
+    gradient, d distance / d C = Tᵀ (the plan is a constant)."""
+
+    @staticmethod
+    def forward(ctx, C, txt_pad, img_pad, beta, iteration, k, fused):
+        T, dist = fused(C.detach(), txt_pad, img_pad, beta, iteration, k)
+        ctx.save_for_backward(T)
+        ctx.cost_dtype = C.dtype
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad):
+        (T,) = ctx.saved_tensors
+        grad_C = (grad[:, None, None] * T.transpose(1, 2)).to(ctx.cost_dtype)
+        return grad_C, None, None, None, None, None, None
+
+
+def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                  beta: float = 0.5, iteration: int = 50, k: int = 1, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """trace(C·T) per example, [B] float32, T the IPOT plan of the detached C.
+
+    Same contract as :func:`uniter_fast.reference.ipot_distance`: gradient
+    through C only, padded entries of a finite C do not contribute."""
+    _check_plan_inputs(C, txt_pad, img_pad, beta, iteration, k)
+    fn = _registry.resolve(OP, backend, C.device, C.dtype)
+    fused = getattr(fn, "with_distance", None)
+    if fused is None:
+        return _ref.ipot_distance(C, txt_pad, img_pad, float(beta), int(iteration), int(k),
+                                  ipot_fn=fn)
+    return _FusedDistance.apply(C, txt_pad, img_pad, float(beta), int(iteration), int(k), fused)
+
+
 def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
                            txt_pad: torch.Tensor, img_pad: torch.Tensor,
                            beta: float = 0.5, iteration: int = 50, k: int = 1, *,
                            backend: Optional[str] = None) -> torch.Tensor:
     """UNITER's WRA distance [B] (float32), IPOT on the chosen backend."""
-    fn = _registry.resolve(OP, backend, txt_emb.device, torch.float32)
+    _registry.resolve(OP, backend, txt_emb.device, torch.float32)  # fail early on a bad name
+
+    def distance(cost, txt_pad, img_pad, beta, iteration, k):
+        return ipot_distance(cost, txt_pad, img_pad, beta, iteration, k, backend=backend)
     return _ref.optimal_transport_dist(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k,
-                                       ipot_fn=fn)
+                                       distance_fn=distance)

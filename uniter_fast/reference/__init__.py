@@ -4,8 +4,8 @@ These are the baselines that tests and benchmarks compare against: simple,
 obviously right, and never optimised.
 """
 from .attention import attention
-from .ot import ipot, cost_matrix_cosine, optimal_transport_dist
+from .ot import ipot, ipot_distance, cost_matrix_cosine, optimal_transport_dist
 from .layer_norm import layer_norm, gelu
 
-__all__ = ["attention", "ipot", "cost_matrix_cosine", "optimal_transport_dist",
+__all__ = ["attention", "ipot", "ipot_distance", "cost_matrix_cosine", "optimal_transport_dist",
            "layer_norm", "gelu"]

@@ -3,7 +3,8 @@
 Transcribes UNITER's ``model/ot.py`` batched IPOT with two defects fixed
 without changing any defined number: an example whose text or image side
 has length 0 gets a zero plan (the original divides by zero and returns NaN),
-k > 1 inner iterations work (the original fails on a shape mismatch), and the caller computes trace(C·T) as sum(C ⊙ Tᵀ) instead of a B×M×M product.
+k > 1 inner iterations work (the original fails on a shape mismatch), and
+:func:`ipot_distance` computes trace(C·T) as sum(C ⊙ Tᵀ) instead of a B×M×M product.
 """
 import torch
 
@@ -85,16 +86,31 @@ def check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k):
         raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")
 
 
+def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                  beta: float = 0.5, iteration: int = 50, k: int = 1,
+                  *, ipot_fn=ipot) -> torch.Tensor:
+    """UNITER's WRA distance from a cost: trace(C·T) per example, [B], float32.
+
+    T is the IPOT plan of the detached ``C`` [B, M, N] (``ipot_fn``, the
+    reference by default) and is zero off the real block, so padded entries of
+    a finite C do not contribute; the gradient flows only through C
+    (d distance / d C = Tᵀ).  Computed as sum(C ⊙ Tᵀ), not UNITER's B×M×M product.
+    """
+    T = ipot_fn(C.detach(), txt_pad, img_pad, beta, int(iteration), int(k))
+    return (C.float() * T.detach().transpose(1, 2)).sum(dim=(1, 2))
+
+
 def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
                            txt_pad: torch.Tensor, img_pad: torch.Tensor,
                            beta: float = 0.5, iteration: int = 50, k: int = 1,
-                           *, ipot_fn=ipot) -> torch.Tensor:
+                           *, distance_fn=ipot_distance) -> torch.Tensor:
     """UNITER's WRA distance per example, [B], float32.
 
-    Cosine cost in float32, plan from IPOT on the detached cost (no grad),
-    distance = trace(C·T) = sum(C ⊙ Tᵀ) with T detached: gradients flow only
-    through C.  Padded positions and empty sequences contribute 0.
-    ``ipot_fn`` is the IPOT implementation (the reference by default).
+    Cosine cost in float32 with padded positions zeroed, then
+    ``distance_fn(cost, txt_pad, img_pad, beta, iteration, k)``
+    (:func:`ipot_distance` by default): plan from IPOT on the detached cost,
+    distance = trace(C·T), gradients only through the cost.  Padded positions
+    and empty sequences contribute 0.
     """
     check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)
     txt_pad = _as_pad(txt_pad, "txt_pad")
@@ -102,5 +118,4 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
     cost = cost_matrix_cosine(txt_emb.float(), img_emb.float())
     joint_pad = txt_pad[:, :, None] | img_pad[:, None, :]
     cost = cost.masked_fill(joint_pad, 0)
-    T = ipot_fn(cost.detach(), txt_pad, img_pad, beta, int(iteration), int(k))
-    return (cost * T.detach().transpose(1, 2)).sum(dim=(1, 2))
+    return distance_fn(cost, txt_pad, img_pad, beta, int(iteration), int(k))
