@@ -4,6 +4,12 @@ reference, at UNITER's shapes (B in {32, 256, 1024}, 60 text x 100 regions,
 
 On CUDA the reference is also timed captured in a CUDA graph and compiled
 with torch.compile, as stronger baselines of plain PyTorch.
+
+``test_ipot_distance`` times what the WRA loss needs from a cost: the plan and
+trace(C·T) (``ops.ipot_distance``, with its gradient path armed), against the
+reference twin and against "original": UNITER's own op sequence, i.e. the same
+IPOT loop followed by the full B×M×M product C·T and the trace taken through
+an identity mask, as the original ``optimal_transport_dist`` computes it.
 """
 import functools
 
@@ -114,5 +120,65 @@ def test_ipot(benchmark, collector, backend, b):
         bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG),
         # per iteration: A*T, two mat-vecs, the plan update (~7 flop/entry)
         flops=numel * (7 * ITERS * K + 2))
+    bu.attach(benchmark, rec)
+    collector.add(rec)
+
+
+# ------------------------------------------------ plan + trace(C·T) from a cost
+DIST_OP = "ipot_distance"
+
+
+def original_distance(cost, txt_pad, img_pad):
+    """UNITER's original cost profile for the distance: the IPOT loop (our
+    reference: the same ops per iteration), then trace(C·T) as the original
+    takes it, a batched [B, M, M] product and a masked select of its diagonal."""
+    T = ref.ipot(cost, txt_pad, img_pad, BETA, ITERS, K)
+    prod = cost.matmul(T)
+    eye = torch.eye(prod.size(1), dtype=torch.bool, device=prod.device).expand_as(prod)
+    return prod.masked_select(eye).view(prod.size(0), -1).sum(dim=-1)
+
+
+def _with_grad(cost):
+    # the distance is taken from a cost that requires grad, as in the WRA loss
+    return cost.detach().requires_grad_()
+
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("backend", list(bu.registered(OP)))
+def test_ipot_distance(benchmark, collector, backend, b):
+    reason = bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    cost, txt_pad, img_pad = inputs(b)
+    cost = _with_grad(cost)
+    benchmark.group = f"ipot+distance B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type}"
+
+    def fast():
+        return ops.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K, backend=backend)
+
+    def reference():
+        return ref.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K)
+
+    def original():
+        return original_distance(cost, txt_pad, img_pad)
+
+    # every side must compute the same distances before anything is timed
+    expect = reference().detach()
+    for name, f in (("fast", fast), ("original", original)):
+        got = f().detach()
+        assert torch.allclose(got, expect, rtol=1e-5, atol=1e-6), (name, got, expect)
+    baselines = {"original": original}
+    if backend != "reference":
+        baselines = {"reference": reference, **baselines}
+    timing = bu.measure(benchmark, fast, baselines)
+    numel = b * M_TXT * N_IMG
+    rec = bu.make_record(
+        op=DIST_OP, group=benchmark.group, mode="fwd", backend=backend, dtype=torch.float32,
+        shape={"B": b, "M": M_TXT, "N": N_IMG, "iteration": ITERS, "k": K, "beta": BETA},
+        timing=timing, headline=True, sweep={"batch": b},
+        bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG) + b * 4,
+        flops=numel * (7 * ITERS * K + 4),
+        notes="ipot_distance from a cost that requires grad; 'original' = UNITER's op sequence "
+              "(IPOT loop, then the B×M×M product C·T and its masked diagonal)")
     bu.attach(benchmark, rec)
     collector.add(rec)

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN = "<!-- perf-table:begin -->"
 END = "<!-- perf-table:end -->"
-OP_ORDER = ("model", "attention", "ipot", "layer_norm", "gelu")
+OP_ORDER = ("model", "attention", "ipot", "ipot_distance", "layer_norm", "gelu")
 TASK_ORDER = ("mlm", "mrfr", "mrc-kl", "mrc", "itm", "mixed")
 MODE_ORDER = ("fwd", "fwd+bwd")
 SWEEP_LABEL = {"batch": "batch size", "seq": "sequence length (padded)"}
@@ -94,8 +94,8 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
     elif op == "attention":
         name = f"attention {r['mode']}"
         shape = (f"B={s['B']} H={s['H']} D={s['D']} L={s['len_min']}..{s['len_max']}, {dt}")
-    elif op == "ipot":
-        name = "ipot (WRA plan)"
+    elif op in ("ipot", "ipot_distance"):
+        name = "ipot (WRA plan)" if op == "ipot" else "ipot + trace(C·T) (WRA distance)"
         shape = f"B={s['B']} {s['M']}×{s['N']} it={s['iteration']}, {dt}"
     else:
         name = f"{op} {r['mode']}"

@@ -131,7 +131,7 @@ struct FlushDenormals {
 };
 
 struct Workspace {
-  std::vector<float> A, Q, delta, sigma, tmp, row;
+  std::vector<float> Cc, A, Q, delta, sigma, tmp;
   std::vector<int64_t> rows, cols;
 };
 
@@ -160,6 +160,124 @@ UF_INL void sigma_sweep(const float* __restrict Q, const float* __restrict delta
   }
 }
 
+// One iteration's pass over the rows (Q, delta fixed on entry):
+//   sigma_i = 1 / (m * sum_j delta_j Q_ij)
+//   T_ij = (delta_j Q_ij) sigma_i;  Q_ij <- A_ij T_ij, or T_ij on the last iteration
+//   tmp_j += Q_ij sigma_i  (the next delta's Q^T sigma)
+// Rows of any length, four at a time: the dot products, then the update.
+// `rows` rows from these pointers on; ml is the example's m (the normaliser).
+UF_INL void rows_any(const float* __restrict A, float* __restrict Q, const float* __restrict delta,
+                     float* __restrict sigma, float* __restrict tmp, int64_t rows, float ml,
+                     int64_t L, bool last) {
+  const int64_t m = rows;
+  const int64_t nv = L / kLanes;
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    float* q0 = Q + i * L;
+    const float* a0 = A + i * L;
+    vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t c = 0; c < nv; ++c) {
+      const int64_t o = c * kLanes;
+      const vf d = ld(delta + o);
+      s0 += d * ld(q0 + o);
+      s1 += d * ld(q0 + L + o);
+      s2 += d * ld(q0 + 2 * L + o);
+      s3 += d * ld(q0 + 3 * L + o);
+    }
+    const float g0 = 1.0f / (ml * hsum(s0)), g1 = 1.0f / (ml * hsum(s1));
+    const float g2 = 1.0f / (ml * hsum(s2)), g3 = 1.0f / (ml * hsum(s3));
+    sigma[i] = g0;
+    sigma[i + 1] = g1;
+    sigma[i + 2] = g2;
+    sigma[i + 3] = g3;
+    for (int64_t c = 0; c < nv; ++c) {
+      const int64_t o = c * kLanes;
+      const vf d = ld(delta + o);
+      const vf t0 = (d * ld(q0 + o)) * g0, t1 = (d * ld(q0 + L + o)) * g1;
+      const vf t2 = (d * ld(q0 + 2 * L + o)) * g2, t3 = (d * ld(q0 + 3 * L + o)) * g3;
+      if (last) {
+        st(q0 + o, t0);
+        st(q0 + L + o, t1);
+        st(q0 + 2 * L + o, t2);
+        st(q0 + 3 * L + o, t3);
+      } else {
+        const vf x0 = ld(a0 + o) * t0, x1 = ld(a0 + L + o) * t1;
+        const vf x2 = ld(a0 + 2 * L + o) * t2, x3 = ld(a0 + 3 * L + o) * t3;
+        st(q0 + o, x0);
+        st(q0 + L + o, x1);
+        st(q0 + 2 * L + o, x2);
+        st(q0 + 3 * L + o, x3);
+        st(tmp + o, ld(tmp + o) + ((x0 * g0 + x1 * g1) + (x2 * g2 + x3 * g3)));
+      }
+    }
+  }
+  for (; i < m; ++i) {
+    float* q = Q + i * L;
+    const float* a = A + i * L;
+    vf s = {};
+    for (int64_t c = 0; c < nv; ++c) s += ld(delta + c * kLanes) * ld(q + c * kLanes);
+    const float g = 1.0f / (ml * hsum(s));
+    sigma[i] = g;
+    for (int64_t c = 0; c < nv; ++c) {
+      const int64_t o = c * kLanes;
+      const vf t = (ld(delta + o) * ld(q + o)) * g;
+      if (last) {
+        st(q + o, t);
+      } else {
+        const vf x = ld(a + o) * t;
+        st(q + o, x);
+        st(tmp + o, ld(tmp + o) + x * g);
+      }
+    }
+  }
+}
+
+// The same pass for rows of NV vectors (L = 16 NV <= 128), two rows at a
+// time, each row read once: u = delta * Q stays in registers for its sum and
+// the update (Q <- (A u) sigma_i, tmp += (A u) sigma_i^2).
+template <int NV>
+UF_INL void rows_fixed(const float* __restrict A, float* __restrict Q,
+                       const float* __restrict delta, float* __restrict sigma,
+                       float* __restrict tmp, int64_t m, bool last) {
+  constexpr int64_t L = NV * kLanes;
+  const float ml = static_cast<float>(m);
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) {
+    float* q0 = Q + i * L;
+    const float* a0 = A + i * L;
+    vf u0[NV], u1[NV];
+    vf s0 = {}, s1 = {};
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) {
+      const vf d = ld(delta + c * kLanes);
+      u0[c] = d * ld(q0 + c * kLanes);
+      u1[c] = d * ld(q0 + L + c * kLanes);
+      s0 += u0[c];
+      s1 += u1[c];
+    }
+    const float g0 = 1.0f / (ml * hsum(s0)), g1 = 1.0f / (ml * hsum(s1));
+    sigma[i] = g0;
+    sigma[i + 1] = g1;
+    if (last) {
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) {
+        st(q0 + c * kLanes, u0[c] * g0);
+        st(q0 + L + c * kLanes, u1[c] * g1);
+      }
+    } else {
+      const float h0 = g0 * g0, h1 = g1 * g1;
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) {
+        const vf x0 = ld(a0 + c * kLanes) * u0[c], x1 = ld(a0 + L + c * kLanes) * u1[c];
+        st(q0 + c * kLanes, x0 * g0);
+        st(q0 + L + c * kLanes, x1 * g1);
+        st(tmp + c * kLanes, ld(tmp + c * kLanes) + (x0 * h0 + x1 * h1));
+      }
+    }
+  }
+  if (i < m) rows_any(A + i * L, Q + i * L, delta, sigma + i, tmp, m - i, ml, L, last);
+}
+
 // The iterations on one example's compact block.  A and Q are m x L (Q
 // starts equal to A, both zero in columns >= n); on return Q holds the plan
 // T = delta * Q * sigma (zero in the padding columns).
@@ -182,75 +300,49 @@ UF_HOT void ipot_block(const float* __restrict A, float* __restrict Q, float* __
     }
     const bool last = it + 1 == iteration;
     for (int64_t c = 0; c < nv; ++c) st(tmp + c * kLanes, vf{});
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-      float* q0 = Q + i * L;
-      const float* a0 = A + i * L;
-      vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
-      for (int64_t c = 0; c < nv; ++c) {
-        const int64_t o = c * kLanes;
-        const vf d = ld(delta + o);
-        s0 += d * ld(q0 + o);
-        s1 += d * ld(q0 + L + o);
-        s2 += d * ld(q0 + 2 * L + o);
-        s3 += d * ld(q0 + 3 * L + o);
-      }
-      const float g0 = 1.0f / (ml * hsum(s0)), g1 = 1.0f / (ml * hsum(s1));
-      const float g2 = 1.0f / (ml * hsum(s2)), g3 = 1.0f / (ml * hsum(s3));
-      sigma[i] = g0;
-      sigma[i + 1] = g1;
-      sigma[i + 2] = g2;
-      sigma[i + 3] = g3;
-      if (last) {
-        for (int64_t c = 0; c < nv; ++c) {
-          const int64_t o = c * kLanes;
-          const vf d = ld(delta + o);
-          st(q0 + o, (d * ld(q0 + o)) * g0);
-          st(q0 + L + o, (d * ld(q0 + L + o)) * g1);
-          st(q0 + 2 * L + o, (d * ld(q0 + 2 * L + o)) * g2);
-          st(q0 + 3 * L + o, (d * ld(q0 + 3 * L + o)) * g3);
-        }
-      } else {
-        for (int64_t c = 0; c < nv; ++c) {
-          const int64_t o = c * kLanes;
-          const vf d = ld(delta + o);
-          const vf x0 = ld(a0 + o) * ((d * ld(q0 + o)) * g0);
-          const vf x1 = ld(a0 + L + o) * ((d * ld(q0 + L + o)) * g1);
-          const vf x2 = ld(a0 + 2 * L + o) * ((d * ld(q0 + 2 * L + o)) * g2);
-          const vf x3 = ld(a0 + 3 * L + o) * ((d * ld(q0 + 3 * L + o)) * g3);
-          st(q0 + o, x0);
-          st(q0 + L + o, x1);
-          st(q0 + 2 * L + o, x2);
-          st(q0 + 3 * L + o, x3);
-          st(tmp + o, ld(tmp + o) + ((x0 * g0 + x1 * g1) + (x2 * g2 + x3 * g3)));
-        }
-      }
-    }
-    for (; i < m; ++i) {
-      float* q = Q + i * L;
-      const float* a = A + i * L;
-      vf s = {};
-      for (int64_t c = 0; c < nv; ++c) s += ld(delta + c * kLanes) * ld(q + c * kLanes);
-      const float g = 1.0f / (ml * hsum(s));
-      sigma[i] = g;
-      for (int64_t c = 0; c < nv; ++c) {
-        const int64_t o = c * kLanes;
-        const vf t = (ld(delta + o) * ld(q + o)) * g;
-        if (last) {
-          st(q + o, t);  // Q now holds the final plan T (row i)
-        } else {
-          const vf x = ld(a + o) * t;
-          st(q + o, x);
-          st(tmp + o, ld(tmp + o) + x * g);
-        }
-      }
+    switch (nv) {
+      case 1: rows_fixed<1>(A, Q, delta, sigma, tmp, m, last); break;
+      case 2: rows_fixed<2>(A, Q, delta, sigma, tmp, m, last); break;
+      case 3: rows_fixed<3>(A, Q, delta, sigma, tmp, m, last); break;
+      case 4: rows_fixed<4>(A, Q, delta, sigma, tmp, m, last); break;
+      case 5: rows_fixed<5>(A, Q, delta, sigma, tmp, m, last); break;
+      case 6: rows_fixed<6>(A, Q, delta, sigma, tmp, m, last); break;
+      case 7: rows_fixed<7>(A, Q, delta, sigma, tmp, m, last); break;
+      case 8: rows_fixed<8>(A, Q, delta, sigma, tmp, m, last); break;
+      default: rows_any(A, Q, delta, sigma, tmp, m, ml, L, last); break;
     }
     if (!last) delta_from(tmp, delta, n, L);
   }
 }
 
-// Ccf: this example's float32 cost [M, N] with strides (sCm, sCn);
-// out_b: its [N, M] output slab, fully written here (zeros off the real block);
+// A = exp(-Cc / beta) (the reference's float32 -C / beta, then exp) on the
+// m x L compact costs, zero in the padding columns j >= n.
+UF_HOT void exp_block(const float* __restrict Cc, float* __restrict A, int64_t m, int64_t n,
+                      int64_t L, float beta) {
+  const vf b = splat(beta);
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t o = 0; o < L; o += kLanes) {
+      const vf a = vexp(-(ld(Cc + i * L + o) / b));
+      st(A + i * L + o, lane + static_cast<int32_t>(o) < static_cast<int32_t>(n) ? a : vf{});
+    }
+  }
+}
+
+// sum over the block of Cc * T (both zero in the padding columns)
+UF_HOT double trace_block(const float* __restrict Cc, const float* __restrict T, int64_t m,
+                          int64_t L) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    vf s = {};
+    for (int64_t o = 0; o < L; o += kLanes) s += ld(Cc + i * L + o) * ld(T + i * L + o);
+    acc += hsum(s);
+  }
+  return acc;
+}
+
+// Cb: this example's float32 cost [M, N] with strides (sCm, sCn);
+// out: its [N, M] output slab, fully written here (zeros off the real block);
 // dist (optional): sum over the real block of C * T.
 void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const bool* tpad,
                   int64_t stp, const bool* ipad, int64_t sip, int64_t M, int64_t N,
@@ -267,38 +359,41 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
   if (dist) *dist = 0.0f;
   if (m == 0 || n == 0) return;
   const int64_t L = (n + kLanes - 1) / kLanes * kLanes;
+  ws.Cc.resize(m * L);
   ws.A.resize(m * L);
   ws.Q.resize(m * L);
   ws.delta.resize(L);
   ws.tmp.resize(L);
-  ws.row.resize(L);
   ws.sigma.resize(m);
+  float* Cc = ws.Cc.data();
   float* A = ws.A.data();
-  float* row = ws.row.data();
-  // A = exp(-C / beta) on the real block (the reference's float32 -C / beta),
-  // zero in the padding columns (exp(-inf)).
+  float* Q = ws.Q.data();
+  // the real block's costs, compact (rows: real tokens, columns: real regions)
+  const bool cols_prefix = sCn == 1 && ws.cols[n - 1] == n - 1;
   for (int64_t i = 0; i < m; ++i) {
     const float* crow = Cb + ws.rows[i] * sCm;
-    for (int64_t j = 0; j < n; ++j) row[j] = -crow[ws.cols[j] * sCn] / beta;
-    for (int64_t j = n; j < L; ++j) row[j] = -std::numeric_limits<float>::infinity();
-    vexp_array(row, A + i * L, L);
+    float* cc = Cc + i * L;
+    if (cols_prefix) {
+      std::copy(crow, crow + n, cc);
+    } else {
+      for (int64_t j = 0; j < n; ++j) cc[j] = crow[ws.cols[j] * sCn];
+    }
+    std::fill(cc + n, cc + L, 0.0f);
   }
-  std::copy(A, A + m * L, ws.Q.data());
-  ipot_block(A, ws.Q.data(), ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, L,
-             iteration, k);
-  // out is [N, M]: out[col, row] = T[i, j]
-  const float* Q = ws.Q.data();
-  double acc = 0.0;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* q = Q + i * L;
-    const int64_t r = ws.rows[i];
-    for (int64_t j = 0; j < n; ++j) out[ws.cols[j] * M + r] = q[j];
-    if (dist) {
-      const float* crow = Cb + r * sCm;
-      for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(crow[ws.cols[j] * sCn]) * q[j];
+  exp_block(Cc, A, m, n, L, beta);
+  std::copy(A, A + m * L, Q);
+  ipot_block(A, Q, ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, L, iteration, k);
+  // out is [N, M]: out[col, row] = T[i, j]; written row by row of out
+  const bool rows_prefix = ws.rows[m - 1] == m - 1;
+  for (int64_t j = 0; j < n; ++j) {
+    float* orow = out + ws.cols[j] * M;
+    if (rows_prefix) {
+      for (int64_t i = 0; i < m; ++i) orow[i] = Q[i * L + j];
+    } else {
+      for (int64_t i = 0; i < m; ++i) orow[ws.rows[i]] = Q[i * L + j];
     }
   }
-  if (dist) *dist = static_cast<float>(acc);
+  if (dist) *dist = static_cast<float>(trace_block(Cc, Q, m, L));
 }
 
 void ipot_batch(const float* Cp, int64_t B, int64_t M, int64_t N, int64_t sCb, int64_t sCm,

@@ -67,17 +67,25 @@ def _check_smoke_run(tmp_path, device):
     if device == "cuda":
         assert env["card"] == torch.cuda.get_device_name() and env["card"] in env["device_name"]
     res = doc["results"]
-    assert {r["op"] for r in res} == {"attention", "ipot", "layer_norm", "gelu", "model"}
+    assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance", "layer_norm", "gelu",
+                                      "model"}
     for op in ("attention", "ipot", "layer_norm", "gelu"):
         got = {r["backend"] for r in res if r["op"] == op}
         assert got == _expected_backends(op, device), (op, got)
+    got = {r["backend"] for r in res if r["op"] == "ipot_distance"}
+    assert got == _expected_backends("ipot", device) - {"reference+cudagraph"}, got
+    for r in res:
+        if r["op"] == "ipot_distance":   # every row also against UNITER's original op sequence
+            assert "original" in r["speedup"]
+            assert r["speedup"]["original"] == pytest.approx(
+                r["baselines"]["original"]["median_s"] / r["median_s"])
     assert {r["shape"]["task"] for r in res if r["op"] == "model"} == \
         {"mlm", "mrfr", "mrc-kl", "itm", "mixed"}
     for r in res:
         assert r["device"] == device
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         if r["backend"] == "reference":
-            assert r["speedup"] == {}
+            assert set(r["speedup"]) == ({"original"} if r["op"] == "ipot_distance" else set())
             continue
         assert set(r["speedup"]) >= {"reference"}
         ref_t = r["baselines"]["reference"]["median_s"]
