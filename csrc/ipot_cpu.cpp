@@ -17,11 +17,13 @@
 //
 // Layout and speed: A and Q are m x L row-major with L = n rounded up to a
 // multiple of 16 floats (zeros in the padding columns, delta = 0 there), so
-// every row is whole 16-lane vectors (GCC/Clang vector extensions: one
-// AVX-512 register, two AVX2 or four SSE registers; runtime dispatch through
-// target_clones).  One pass over four rows at a time per iteration: the rows'
-// dot products with delta give sigma (tree reductions, no scalar tail), then
-// Q = A * T for those rows and their contribution to the next Q^T sigma.
+// every row is whole 16-lane vectors (csrc/simd.h: one AVX-512 register, two
+// AVX2 or four SSE registers; runtime dispatch through target_clones).  One
+// pass over the rows per iteration: a row's dot product with delta gives its
+// sigma (tree reduction, no scalar tail), then Q = A * T for that row and its
+// share of the next Q^T sigma.  Rows of up to 128 floats are read once (the
+// code is instantiated per vector count and keeps two rows in registers);
+// longer rows go four at a time through a generic loop.
 // A = exp(-C / beta) is computed here, only on the real block, with a
 // vectorised exp (Cody-Waite reduction, degree-7 polynomial, <= 2 ulp).
 // The plan's negligible entries decay towards float32's subnormal range,
@@ -53,62 +55,13 @@
 #else
 #define UF_HOT
 #endif
-#define UF_INL static inline __attribute__((always_inline))
+
+#include "simd.h"
 
 namespace uniter_fast {
 namespace {
 
-constexpr int64_t kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-UF_INL vf splat(float x) { return vf{} + x; }
-UF_INL vf ld(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-UF_INL void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-// Tree reduction (GCC's own reduction epilogue sums the 16 lanes one by one).
-UF_INL float hsum(vf v) {
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-// exp(x) lane-wise in float32: x = n ln2 + r with |r| <= ln2 / 2 (two-part
-// ln2, exact n ln2_hi), e^r by its degree-7 Taylor polynomial (truncation
-// 5e-9 relative), times 2^n applied as two normal powers of two so results
-// down to the subnormal range round once.  exp(>88.73) = inf, exp(<-104) = 0,
-// NaN stays NaN.
-UF_INL vf vexp(vf x) {
-  vf xc = x < splat(-110.0f) ? splat(-110.0f) : x;
-  xc = xc > splat(89.0f) ? splat(89.0f) : xc;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf fn = (xc * splat(1.44269504088896341f) + shifter) - shifter;
-  vf r = xc - fn * splat(0.693359375f);
-  r = r - fn * splat(-2.12194440e-4f);
-  vf p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const vi n = __builtin_convertvector(fn, vi);
-  const vi n1 = n >> 1;
-  const vi b1 = (n1 + 127) << 23;
-  const vi b2 = ((n - n1) + 127) << 23;
-  vf s1, s2;
-  __builtin_memcpy(&s1, &b1, sizeof s1);
-  __builtin_memcpy(&s2, &b2, sizeof s2);
-  const vf res = (p * s1) * s2;
-  return x != x ? x : res;
-}
+using namespace simd;
 
 UF_HOT void vexp_array(const float* in, float* out, int64_t count) {
   int64_t c = 0;
