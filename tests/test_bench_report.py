@@ -196,3 +196,18 @@ def test_formatting():
     assert report.fmt_si(34567.0, "tok/s") == "34.6 ktok/s"
     assert report.fmt_si(12.0, "tok/s") == "12 tok/s"
     assert math.isclose(SAMPLE["results"][0]["speedup"]["reference"], 2.5)
+
+
+def test_ipot_distance_rows_follow_the_plan_rows_with_the_original_baseline(tmp_path):
+    d = _cpu()
+    shape = {"B": 256, "M": 60, "N": 100, "iteration": 50, "k": 1, "beta": 0.5}
+    d["results"] = [
+        _row("ipot_distance", "cpp", 2e-3, 60e-3, shape=shape, others={"original": 80e-3}),
+        _row("ipot_distance", "reference", 60e-3, shape=shape, others={"original": 80e-3}),
+        _row("ipot", "cpp", 1.5e-3, 55e-3, shape=shape),
+    ]
+    rows = [l for l in report.table([report.load(_write(tmp_path, "d.json", d))]).splitlines()
+            if l.startswith("| ") and not l.startswith("| Benchmark")]
+    assert len(rows) == 2 and rows[0].startswith("| ipot (WRA plan) |")
+    assert rows[1].startswith("| ipot + trace(C·T) (WRA distance) | B=256 60×100 it=50")
+    assert "| cpp | 2.00 ms | 60.00 ms | **30.00×** (40.00× vs original) |" in rows[1]

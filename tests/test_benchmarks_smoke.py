@@ -289,3 +289,15 @@ def test_results_file_names_carry_date_and_device():
     assert bu.results_filename(gpu, when) == "2026-11-27_nvidia-h100-80gb-hbm3.json"
     cpu = dict(card=None, cpu_model="AMD EPYC 7B13", threads=2, smoke=True)
     assert bu.results_filename(cpu, when) == "2026-11-27_cpu-amd-epyc-7b13-2t_smoke.json"
+
+
+def test_a_benchmark_file_named_on_the_command_line_is_collected_once():
+    env = dict(os.environ, UNITER_FAST_BENCH_SMOKE="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_ipot.py", "--benchmark-only",
+         "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids and len(ids) == len(set(ids)), ids
