@@ -22,8 +22,9 @@
 // pass over the rows per iteration: a row's dot product with delta gives its
 // sigma (tree reduction, no scalar tail), then Q = A * T for that row and its
 // share of the next Q^T sigma.  Rows of up to 128 floats are read once (the
-// code is instantiated per vector count and keeps two rows in registers);
-// longer rows go four at a time through a generic loop.
+// code is instantiated per vector count and keeps four rows of <= 64 floats,
+// or two longer ones, in registers); longer rows go four at a time through a
+// generic loop that reads them twice.
 // A = exp(-C / beta) is computed here, only on the real block, with a
 // vectorised exp (Cody-Waite reduction, degree-7 polynomial, <= 2 ulp).
 // The plan's negligible entries decay towards float32's subnormal range,
@@ -185,49 +186,59 @@ UF_INL void rows_any(const float* __restrict A, float* __restrict Q, const float
   }
 }
 
-// The same pass for rows of NV vectors (L = 16 NV <= 128), two rows at a
-// time, each row read once: u = delta * Q stays in registers for its sum and
-// the update (Q <- (A u) sigma_i, tmp += (A u) sigma_i^2).
-template <int NV>
+// The same pass for rows of NV vectors (L = 16 NV <= 128), R rows at a time,
+// each row read once: u = delta * Q stays in registers for its sum and the
+// update (Q <- (A u) sigma_i, and (A u) sigma_i^2 into Q^T sigma); delta and
+// Q^T sigma stay in registers for the whole pass.
+template <int NV, int R>
 UF_INL void rows_fixed(const float* __restrict A, float* __restrict Q,
                        const float* __restrict delta, float* __restrict sigma,
                        float* __restrict tmp, int64_t m, bool last) {
   constexpr int64_t L = NV * kLanes;
   const float ml = static_cast<float>(m);
+  vf d[NV], t[NV];
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) {
+    d[c] = ld(delta + c * kLanes);
+    t[c] = vf{};
+  }
   int64_t i = 0;
-  for (; i + 2 <= m; i += 2) {
+  for (; i + R <= m; i += R) {
     float* q0 = Q + i * L;
     const float* a0 = A + i * L;
-    vf u0[NV], u1[NV];
-    vf s0 = {}, s1 = {};
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      const vf d = ld(delta + c * kLanes);
-      u0[c] = d * ld(q0 + c * kLanes);
-      u1[c] = d * ld(q0 + L + c * kLanes);
-      s0 += u0[c];
-      s1 += u1[c];
-    }
-    const float g0 = 1.0f / (ml * hsum(s0)), g1 = 1.0f / (ml * hsum(s1));
-    sigma[i] = g0;
-    sigma[i + 1] = g1;
-    if (last) {
+    vf u[R][NV];
+    float g[R], h[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      vf s = {};
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) {
-        st(q0 + c * kLanes, u0[c] * g0);
-        st(q0 + L + c * kLanes, u1[c] * g1);
+        u[r][c] = d[c] * ld(q0 + r * L + c * kLanes);
+        s += u[r][c];
       }
+      g[r] = 1.0f / (ml * hsum(s));
+      h[r] = g[r] * g[r];
+      sigma[i + r] = g[r];
+    }
+    if (last) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < NV; ++c) st(q0 + r * L + c * kLanes, u[r][c] * g[r]);
     } else {
-      const float h0 = g0 * g0, h1 = g1 * g1;
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) {
-        const vf x0 = ld(a0 + c * kLanes) * u0[c], x1 = ld(a0 + L + c * kLanes) * u1[c];
-        st(q0 + c * kLanes, x0 * g0);
-        st(q0 + L + c * kLanes, x1 * g1);
-        st(tmp + c * kLanes, ld(tmp + c * kLanes) + (x0 * h0 + x1 * h1));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const vf x = ld(a0 + r * L + c * kLanes) * u[r][c];
+          st(q0 + r * L + c * kLanes, x * g[r]);
+          t[c] += x * h[r];
+        }
       }
     }
   }
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) st(tmp + c * kLanes, t[c]);
   if (i < m) rows_any(A + i * L, Q + i * L, delta, sigma + i, tmp, m - i, ml, L, last);
 }
 
@@ -254,14 +265,14 @@ UF_HOT void ipot_block(const float* __restrict A, float* __restrict Q, float* __
     const bool last = it + 1 == iteration;
     for (int64_t c = 0; c < nv; ++c) st(tmp + c * kLanes, vf{});
     switch (nv) {
-      case 1: rows_fixed<1>(A, Q, delta, sigma, tmp, m, last); break;
-      case 2: rows_fixed<2>(A, Q, delta, sigma, tmp, m, last); break;
-      case 3: rows_fixed<3>(A, Q, delta, sigma, tmp, m, last); break;
-      case 4: rows_fixed<4>(A, Q, delta, sigma, tmp, m, last); break;
-      case 5: rows_fixed<5>(A, Q, delta, sigma, tmp, m, last); break;
-      case 6: rows_fixed<6>(A, Q, delta, sigma, tmp, m, last); break;
-      case 7: rows_fixed<7>(A, Q, delta, sigma, tmp, m, last); break;
-      case 8: rows_fixed<8>(A, Q, delta, sigma, tmp, m, last); break;
+      case 1: rows_fixed<1, 4>(A, Q, delta, sigma, tmp, m, last); break;
+      case 2: rows_fixed<2, 4>(A, Q, delta, sigma, tmp, m, last); break;
+      case 3: rows_fixed<3, 4>(A, Q, delta, sigma, tmp, m, last); break;
+      case 4: rows_fixed<4, 4>(A, Q, delta, sigma, tmp, m, last); break;
+      case 5: rows_fixed<5, 2>(A, Q, delta, sigma, tmp, m, last); break;
+      case 6: rows_fixed<6, 2>(A, Q, delta, sigma, tmp, m, last); break;
+      case 7: rows_fixed<7, 2>(A, Q, delta, sigma, tmp, m, last); break;
+      case 8: rows_fixed<8, 2>(A, Q, delta, sigma, tmp, m, last); break;
       default: rows_any(A, Q, delta, sigma, tmp, m, ml, L, last); break;
     }
     if (!last) delta_from(tmp, delta, n, L);
