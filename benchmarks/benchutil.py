@@ -285,6 +285,9 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
         "git_commit": _git_commit(),
         "smoke": SMOKE,
         "loadavg_1min": _loadavg(),
+        # glibc allocator settings (large tensors: mmap/trim page faults weigh on
+        # every CPU timing; MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ change them)
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     if device.type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(device)
@@ -295,7 +298,10 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
     else:
         env["card"] = None
         n = env["threads"]
-        env["device_name"] = f"CPU {env['cpu_model']} ({n} thread{'s' if n != 1 else ''})"
+        what = f"{n} thread{'s' if n != 1 else ''}"
+        if env["malloc_env"]:
+            what += ", " + " ".join(f"{k}={v}" for k, v in sorted(env["malloc_env"].items()))
+        env["device_name"] = f"CPU {env['cpu_model']} ({what})"
     return env
 
 
@@ -309,6 +315,8 @@ def results_filename(env: Dict[str, object], when: Optional[_dt.datetime] = None
         dev = slug(str(env["card"]))
     else:
         dev = f"cpu-{slug(str(env['cpu_model']))}-{env['threads']}t"
+        if env.get("malloc_env"):
+            dev += "-malloc"
     return f"{when:%Y-%m-%d}_{dev}{'_smoke' if env.get('smoke') else ''}.json"
 
 

@@ -319,9 +319,11 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
     if (!ipad[j * sip]) ws.cols.push_back(j);
   const int64_t m = static_cast<int64_t>(ws.rows.size());
   const int64_t n = static_cast<int64_t>(ws.cols.size());
-  if (m < M || n < N || m == 0) std::fill(out, out + N * M, 0.0f);
   if (dist) *dist = 0.0f;
-  if (m == 0 || n == 0) return;
+  if (m == 0 || n == 0) {
+    std::fill(out, out + N * M, 0.0f);
+    return;
+  }
   const int64_t L = (n + kLanes - 1) / kLanes * kLanes;
   ws.Cc.resize(m * L);
   ws.A.resize(m * L);
@@ -347,16 +349,24 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
   exp_block(Cc, A, m, n, L, beta);
   std::copy(A, A + m * L, Q);
   ipot_block(A, Q, ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, L, iteration, k);
-  // out is [N, M]: out[col, row] = T[i, j]; written row by row of out
+  // out is [N, M]: out[col, row] = T[i, j], zeros elsewhere; every row of out
+  // written once, front to back (it is usually not in cache: no second pass)
   const bool rows_prefix = ws.rows[m - 1] == m - 1;
+  int64_t next = 0;  // first row of out not written yet
   for (int64_t j = 0; j < n; ++j) {
-    float* orow = out + ws.cols[j] * M;
+    const int64_t col = ws.cols[j];
+    std::fill(out + next * M, out + col * M, 0.0f);
+    float* orow = out + col * M;
     if (rows_prefix) {
       for (int64_t i = 0; i < m; ++i) orow[i] = Q[i * L + j];
+      std::fill(orow + m, orow + M, 0.0f);
     } else {
+      std::fill(orow, orow + M, 0.0f);
       for (int64_t i = 0; i < m; ++i) orow[ws.rows[i]] = Q[i * L + j];
     }
+    next = col + 1;
   }
+  std::fill(out + next * M, out + N * M, 0.0f);
   if (dist) *dist = static_cast<float>(trace_block(Cc, Q, m, L));
 }
 

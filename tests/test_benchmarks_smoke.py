@@ -289,6 +289,20 @@ def test_results_file_names_carry_date_and_device():
     assert bu.results_filename(gpu, when) == "2026-11-27_nvidia-h100-80gb-hbm3.json"
     cpu = dict(card=None, cpu_model="AMD EPYC 7B13", threads=2, smoke=True)
     assert bu.results_filename(cpu, when) == "2026-11-27_cpu-amd-epyc-7b13-2t_smoke.json"
+    tuned = dict(cpu, smoke=False, malloc_env={"MALLOC_TRIM_THRESHOLD_": "-1"})
+    assert bu.results_filename(tuned, when) == "2026-11-27_cpu-amd-epyc-7b13-2t-malloc.json"
+
+
+def test_cpu_device_name_records_glibc_allocator_settings(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    env = bu.environment(torch.device("cpu"))
+    assert env["malloc_env"] == {}
+    assert env["device_name"].endswith(("thread)", "threads)"))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    env = bu.environment(torch.device("cpu"))
+    assert env["malloc_env"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
+    assert "MALLOC_MMAP_THRESHOLD_=1073741824)" in env["device_name"]
 
 
 def test_a_benchmark_file_named_on_the_command_line_is_collected_once():
