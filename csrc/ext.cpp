@@ -22,6 +22,9 @@ std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torc
                                                            torch::Tensor img_pad, double beta,
                                                            int64_t iteration, int64_t k);
 torch::Tensor exp_f32_cpu(torch::Tensor x);
+std::vector<std::string> cpu_isas();
+std::string cpu_isa();
+void set_cpu_isa(const std::string& name);
 
 #ifdef UNITER_FAST_WITH_CUDA
 torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
@@ -74,6 +77,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("iteration"), py::arg("k"));
   m.def("exp_f32_cpu", &uniter_fast::exp_f32_cpu,
         "The IPOT kernel's vectorised float32 exp (exposed for its accuracy test)", py::arg("x"));
+  m.def("cpu_isas", &uniter_fast::cpu_isas,
+        "Instruction sets of the CPU IPOT kernel this CPU runs, best first");
+  m.def("cpu_isa", &uniter_fast::cpu_isa, "The instruction set the CPU IPOT kernel uses now");
+  m.def("set_cpu_isa", &uniter_fast::set_cpu_isa,
+        "Force the CPU IPOT kernel's instruction set ('avx512', 'avx2', 'base'; 'auto' = best)",
+        py::arg("name"));
 #ifdef UNITER_FAST_WITH_CUDA
   m.def("ipot_cuda", &uniter_fast::ipot_cuda, "Batched IPOT plan on CUDA (same contract)",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),

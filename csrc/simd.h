@@ -1,20 +1,26 @@
-// 16-lane float32 vector helpers for the CPU kernels (GCC/Clang vector
-// extensions: one AVX-512 register, two AVX2 or four SSE registers; the
-// compiler lowers them for whichever target a function is compiled for).
-// No torch dependency: tests/test_simd_helpers.py compiles this header alone.
-#pragma once
-#include <cstdint>
+// Float32 vector helpers of UF_LANES lanes (4, 8 or 16) for the CPU kernels:
+// GCC/Clang vector extensions, lowered for whichever instruction set the
+// including code is compiled for.  Pick the lane count to match it (16 for
+// AVX-512, 8 for AVX2, 4 for SSE2/NEON): wider generic vectors than the
+// target's registers compile to slow code.
+//
+// Included once per instruction set, inside a namespace, after defining
+// UF_LANES and including <cstdint> (no include guard, no namespace and no
+// system headers of its own).  No torch dependency: tests/test_simd_helpers.py
+// compiles it alone at every lane count.
 
+#ifndef UF_LANES
+#error "define UF_LANES (4, 8 or 16) before including simd.h"
+#endif
+#ifndef UF_INL
 #define UF_INL static inline __attribute__((always_inline))
+#endif
 
-namespace uniter_fast {
-namespace simd {
-
-constexpr int64_t kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = UF_LANES;
+typedef float vf __attribute__((vector_size(4 * UF_LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * UF_LANES)));
 typedef float vf4 __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
 
 UF_INL vf splat(float x) { return vf{} + x; }
 UF_INL vf ld(const float* p) {
@@ -23,21 +29,42 @@ UF_INL vf ld(const float* p) {
   return v;
 }
 UF_INL void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-// Tree reduction (GCC's own reduction epilogue sums the 16 lanes one by one).
+UF_INL vi lane_index() {
+  vi v = {};
+  for (int l = 0; l < UF_LANES; ++l) v[l] = l;
+  return v;
+}
+
+// Tree reduction (GCC's own reduction epilogue sums the lanes one by one).
 #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && \
     !defined(UNITER_FAST_PORTABLE_SHUFFLE)
 UF_INL float hsum(vf v) {
+#if UF_LANES == 16
   const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#elif UF_LANES == 8
+  const vf4 c = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const vf4 c = v;
+#endif
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 #else  // GCC < 12 has no __builtin_shufflevector: full-width __builtin_shuffle steps
 UF_INL float hsum(vf v) {
+#if UF_LANES == 16
   v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#elif UF_LANES == 8
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6});
+#else
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2});
+#endif
   return v[0];
 }
 #endif
@@ -72,6 +99,3 @@ UF_INL vf vexp(vf x) {
   const vf res = (p * s1) * s2;
   return x != x ? x : res;
 }
-
-}  // namespace simd
-}  // namespace uniter_fast

@@ -22,11 +22,24 @@ PLAN_ATOL = 1e-6
 DIST_RTOL = 1e-5
 
 try:
-    _ext.cpu_module()
+    CPU_ISAS = _ext.cpu_module().cpu_isas()   # the kernel's instruction sets this CPU runs
     HAS_CPP = True
 except _ext.ExtensionUnavailableError:
+    CPU_ISAS = []
     HAS_CPP = False
 requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ extension unavailable")
+
+
+@pytest.fixture(params=CPU_ISAS or ["none"])
+def cpu_isa(request):
+    """Runs a test once per compiled instruction set of the C++ kernel that
+    this CPU can run (AVX-512 / AVX2 / baseline), not only the one auto picks."""
+    if not HAS_CPP:
+        pytest.skip("C++ extension unavailable")
+    mod = _ext.cpu_module()
+    mod.set_cpu_isa(request.param)
+    yield request.param
+    mod.set_cpu_isa("auto")
 
 
 def _lengths(rng, B, L):
@@ -103,8 +116,8 @@ def ipot_k_independent(C, tp, ip, beta, iteration, k):
 # ----------------------------------------------------------------- C++ (native)
 @requires_cpp
 @pytest.mark.parametrize("chunk", range(10))
-def test_cpp_matches_reference_sweep(chunk):
-    """300 seeded random cases, 30 per chunk."""
+def test_cpp_matches_reference_sweep(chunk, cpu_isa):
+    """300 seeded random cases, 30 per chunk, on every instruction set."""
     for seed in range(chunk * 30, chunk * 30 + 30):
         C, tp, ip, beta, iteration = random_case(seed)
         T = ops.ipot(C, tp, ip, beta, iteration, backend="cpp")
@@ -112,7 +125,7 @@ def test_cpp_matches_reference_sweep(chunk):
 
 
 @requires_cpp
-def test_cpp_large_lengths_and_strides():
+def test_cpp_large_lengths_and_strides(cpu_isa):
     g = torch.Generator().manual_seed(1)
     C = torch.rand(3, 150, 140, generator=g).transpose(1, 2) * 2   # non-contiguous [3, 140, 150]
     tp = torch.arange(140)[None] >= torch.tensor([140, 1, 77])[:, None]
@@ -122,7 +135,7 @@ def test_cpp_large_lengths_and_strides():
 
 @requires_cpp
 @pytest.mark.parametrize("k", [2, 3])
-def test_cpp_k_gt_1(k):
+def test_cpp_k_gt_1(k, cpu_isa):
     C, tp, ip, beta, _ = random_case(1000 + k, max_b=6, max_m=20, max_n=30)
     T = ops.ipot(C, tp, ip, beta, 5, k, backend="cpp")
     expect = ipot_k_independent(C, tp, ip, beta, 5, k)
@@ -203,7 +216,7 @@ def test_cpp_bad_input_raises_value_error():
 
 @requires_cpp
 @pytest.mark.parametrize("chunk", range(3))
-def test_cpp_fused_distance_and_grad_match_reference(chunk):
+def test_cpp_fused_distance_and_grad_match_reference(chunk, cpu_isa):
     """ipot_distance on cpp (plan and trace(C·T) in one kernel pass, gradient
     by _FusedDistance) against the reference twin: 60 seeded cases."""
     for seed in range(9000 + chunk * 20, 9000 + chunk * 20 + 20):
@@ -237,7 +250,7 @@ def test_cpp_fused_distance_ignores_padded_cost_and_empty_examples():
 
 
 @requires_cpp
-def test_cpp_exp_accuracy():
+def test_cpp_exp_accuracy(cpu_isa):
     """The kernel computes A = exp(-C/beta) with its own vectorised exp."""
     mod = _ext.cpu_module()
     x = torch.cat([torch.linspace(-115.0, 95.0, 100003), torch.rand(5001) * -30,
@@ -253,6 +266,20 @@ def test_cpp_exp_accuracy():
     assert torch.isinf(y[exact > 3.5e38]).all()
     special = mod.exp_f32_cpu(torch.tensor([float("nan"), float("inf"), -float("inf")]))
     assert torch.isnan(special[0]) and special[1] == float("inf") and special[2] == 0
+
+
+def test_cpu_isa_choice_and_bad_names():
+    if not HAS_CPP:
+        pytest.skip("C++ extension unavailable")
+    mod = _ext.cpu_module()
+    assert CPU_ISAS and CPU_ISAS[-1] == "base" and mod.cpu_isa() == CPU_ISAS[0]
+    with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
+        mod.set_cpu_isa("sse9")
+    for isa in ("avx512", "avx2"):
+        if isa not in CPU_ISAS:
+            with pytest.raises(ValueError, match="cannot run"):
+                mod.set_cpu_isa(isa)
+    assert mod.cpu_isa() == CPU_ISAS[0]
 
 
 @requires_cpp
