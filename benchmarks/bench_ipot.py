@@ -182,3 +182,54 @@ def test_ipot_distance(benchmark, collector, backend, b):
               "(IPOT loop, then the B×M×M product C·T and its masked diagonal)")
     bu.attach(benchmark, rec)
     collector.add(rec)
+
+
+# ------------------- the C++ kernel's other instruction sets (what other CPUs run)
+def _cpu_isas():
+    if bu.ON_CUDA or bu.skip_reason(OP, "cpp", bu.DEVICE, torch.float32):
+        return []
+    from uniter_fast import _ext
+    return _ext.cpu_module().cpu_isas()[1:]     # [0] is what "cpp" above runs
+
+
+@pytest.mark.parametrize("isa", _cpu_isas() or ["none"])
+def test_ipot_distance_cpu_isa(benchmark, collector, isa):
+    """ipot+distance at B=256 with the C++ kernel forced to a narrower
+    instruction set (AVX2: 8 lanes, base: SSE2/NEON, 4 lanes), as CPUs
+    without AVX-512 run it, against the same baselines."""
+    if isa == "none":
+        pytest.skip("no other instruction set of the C++ kernel on this device")
+    from uniter_fast import _ext
+    mod = _ext.cpu_module()
+    b = BATCHES[len(BATCHES) // 2]
+    cost, txt_pad, img_pad = inputs(b)
+    cost = _with_grad(cost)
+    benchmark.group = f"ipot+distance B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type} isa"
+
+    def fast():
+        mod.set_cpu_isa(isa)
+        try:
+            return ops.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K, backend="cpp")
+        finally:
+            mod.set_cpu_isa("auto")
+
+    def reference():
+        return ref.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K)
+
+    def original():
+        return original_distance(cost, txt_pad, img_pad)
+
+    expect = reference().detach()
+    assert torch.allclose(fast().detach(), expect, rtol=1e-5, atol=1e-6)
+    timing = bu.measure(benchmark, fast, {"reference": reference, "original": original})
+    numel = b * M_TXT * N_IMG
+    rec = bu.make_record(
+        op=DIST_OP, group=benchmark.group, mode="fwd", backend=f"cpp[{isa}]",
+        dtype=torch.float32,
+        shape={"B": b, "M": M_TXT, "N": N_IMG, "iteration": ITERS, "k": K, "beta": BETA},
+        timing=timing, headline=True,
+        bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG) + b * 4,
+        flops=numel * (7 * ITERS * K + 4),
+        notes=f"C++ kernel forced to its {isa} build (set_cpu_isa)")
+    bu.attach(benchmark, rec)
+    collector.add(rec)
