@@ -20,7 +20,8 @@ torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img
                        double beta, int64_t iteration, int64_t k);
 std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torch::Tensor txt_pad,
                                                            torch::Tensor img_pad, double beta,
-                                                           int64_t iteration, int64_t k);
+                                                           int64_t iteration, int64_t k,
+                                                           bool with_plan);
 torch::Tensor exp_f32_cpu(torch::Tensor x);
 std::vector<std::string> cpu_isas();
 std::string cpu_isa();
@@ -72,9 +73,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("iteration"), py::arg("k"));
   m.def("ipot_distance_cpu", &uniter_fast::ipot_distance_cpu,
         "Batched IPOT plan and WRA distance on CPU: same arguments as ipot_cpu -> "
-        "(T [B,N,M] float32, trace(C T) [B] float32 over the real block)",
+        "(T [B,N,M] float32, or None with with_plan=False; trace(C T) [B] float32 over the "
+        "real block)",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
-        py::arg("iteration"), py::arg("k"));
+        py::arg("iteration"), py::arg("k"), py::arg("with_plan") = true);
   m.def("exp_f32_cpu", &uniter_fast::exp_f32_cpu,
         "The IPOT kernel's vectorised float32 exp (exposed for its accuracy test)", py::arg("x"));
   m.def("cpu_isas", &uniter_fast::cpu_isas,

@@ -173,7 +173,7 @@ void ipot_batch(const float* Cp, int64_t B, int64_t M, int64_t N, int64_t sCb, i
 #endif
     for (int64_t b = 0; b < B; ++b) {
       example(Cp + b * sCb, sCm, sCn, beta, tp + b * stb, stm, ip + b * sib, sin, M, N,
-                   iteration, k, out + b * N * M, dist ? dist + b : nullptr, ws);
+                   iteration, k, out ? out + b * N * M : nullptr, dist ? dist + b : nullptr, ws);
     }
   }
 }
@@ -182,7 +182,7 @@ std::tuple<torch::Tensor, torch::Tensor> ipot_cpu_impl(const torch::Tensor& C,
                                                        const torch::Tensor& txt_pad,
                                                        const torch::Tensor& img_pad, double beta,
                                                        int64_t iteration, int64_t k,
-                                                       bool with_distance);
+                                                       bool with_distance, bool with_plan);
 
 }  // namespace
 
@@ -210,32 +210,36 @@ std::tuple<torch::Tensor, torch::Tensor> ipot_cpu_impl(const torch::Tensor& C,
                                                        const torch::Tensor& txt_pad,
                                                        const torch::Tensor& img_pad, double beta,
                                                        int64_t iteration, int64_t k,
-                                                       bool with_distance) {
+                                                       bool with_distance, bool with_plan) {
   check_ipot_args(C, txt_pad, img_pad, beta, iteration, k);
   TORCH_CHECK_VALUE(C.device().is_cpu(), "ipot_cpu needs CPU tensors; got ", C.device());
   const int64_t B = C.size(0), M = C.size(1), N = C.size(2);
   const auto f32 = C.options().dtype(torch::kFloat32);
-  if (B == 0 || M == 0 || N == 0) return {torch::zeros({B, N, M}, f32), torch::zeros({B}, f32)};
-  auto out = torch::empty({B, N, M}, f32);
+  if (B == 0 || M == 0 || N == 0)
+    return {with_plan ? torch::zeros({B, N, M}, f32) : torch::Tensor(),
+            with_distance ? torch::zeros({B}, f32) : torch::Tensor()};
+  auto out = with_plan ? torch::empty({B, N, M}, f32) : torch::Tensor();
   auto dist = with_distance ? torch::empty({B}, f32) : torch::Tensor();
   const auto Cf = C.to(torch::kFloat32);  // (no copy when C is float32: any strides)
   ipot_batch(Cf.data_ptr<float>(), B, M, N, Cf.stride(0), Cf.stride(1), Cf.stride(2),
              static_cast<float>(beta), txt_pad.data_ptr<bool>(), txt_pad.stride(0),
              txt_pad.stride(1), img_pad.data_ptr<bool>(), img_pad.stride(0), img_pad.stride(1),
-             iteration, k, out.data_ptr<float>(), with_distance ? dist.data_ptr<float>() : nullptr);
+             iteration, k, with_plan ? out.data_ptr<float>() : nullptr,
+             with_distance ? dist.data_ptr<float>() : nullptr);
   return {out, dist};
 }
 }  // namespace
 
 torch::Tensor ipot_cpu(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
                        double beta, int64_t iteration, int64_t k) {
-  return std::get<0>(ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, false));
+  return std::get<0>(ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, false, true));
 }
 
 std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torch::Tensor txt_pad,
                                                            torch::Tensor img_pad, double beta,
-                                                           int64_t iteration, int64_t k) {
-  return ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, true);
+                                                           int64_t iteration, int64_t k,
+                                                           bool with_plan) {
+  return ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, true, with_plan);
 }
 
 torch::Tensor exp_f32_cpu(torch::Tensor x) {

@@ -241,8 +241,8 @@ double trace_block(const float* __restrict Cc, const float* __restrict T, int64_
 }
 
 // Cb: this example's float32 cost [M, N] with strides (sCm, sCn);
-// out: its [N, M] output slab, fully written here (zeros off the real block);
-// dist (optional): sum over the real block of C * T.
+// out (optional): its [N, M] output slab, fully written here (zeros off the
+// real block); dist (optional): sum over the real block of C * T.
 void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const bool* tpad,
                   int64_t stp, const bool* ipad, int64_t sip, int64_t M, int64_t N,
                   int64_t iteration, int64_t k, float* out, float* dist, Workspace& ws) {
@@ -256,7 +256,7 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
   const int64_t n = static_cast<int64_t>(ws.cols.size());
   if (dist) *dist = 0.0f;
   if (m == 0 || n == 0) {
-    std::fill(out, out + N * M, 0.0f);
+    if (out) std::fill(out, out + N * M, 0.0f);
     return;
   }
   const int64_t L = (n + kLanes - 1) / kLanes * kLanes;
@@ -284,6 +284,8 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
   exp_block(Cc, A, m, n, L, beta);
   std::copy(A, A + m * L, Q);
   ipot_block(A, Q, ws.delta.data(), ws.sigma.data(), ws.tmp.data(), m, n, L, iteration, k);
+  if (dist) *dist = static_cast<float>(trace_block(Cc, Q, m, L));
+  if (!out) return;
   // out is [N, M]: out[col, row] = T[i, j], zeros elsewhere; every row of out
   // written once, front to back (it is usually not in cache: no second pass)
   const bool rows_prefix = ws.rows[m - 1] == m - 1;
@@ -302,5 +304,4 @@ void ipot_example(const float* Cb, int64_t sCm, int64_t sCn, float beta, const b
     next = col + 1;
   }
   std::fill(out + next * M, out + N * M, 0.0f);
-  if (dist) *dist = static_cast<float>(trace_block(Cc, Q, m, L));
 }

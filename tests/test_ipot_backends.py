@@ -238,6 +238,24 @@ def test_cpp_fused_distance_and_grad_match_reference(chunk, cpu_isa):
 
 
 @requires_cpp
+def test_cpp_distance_without_plan_matches(cpu_isa):
+    # no grad needed: the kernel skips writing the plan; same distances, no plan returned
+    C, tp, ip, beta, iteration = random_case(77, max_b=12)
+    mod = _ext.cpu_module()
+    T, d = mod.ipot_distance_cpu(C, tp, ip, beta, iteration, 1)
+    T0, d0 = mod.ipot_distance_cpu(C, tp, ip, beta, iteration, 1, with_plan=False)
+    assert T0 is None and T is not None and torch.equal(d, d0)
+    d_op = ops.ipot_distance(C, tp, ip, beta, iteration, backend="cpp")   # C needs no grad
+    assert torch.equal(d_op, d) and not d_op.requires_grad
+    with torch.no_grad():
+        assert torch.equal(ops.ipot_distance(C.clone().requires_grad_(), tp, ip, beta, iteration,
+                                             backend="cpp"), d)
+    d_r = ref.ipot_distance(C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0), tp, ip,
+                            beta, iteration)
+    assert torch.all((d - d_r).abs() <= DIST_RTOL * d_r.abs() + 1e-7)
+
+
+@requires_cpp
 def test_cpp_fused_distance_ignores_padded_cost_and_empty_examples():
     g = torch.Generator().manual_seed(3)
     C = torch.rand(4, 9, 14, generator=g) * 2

@@ -55,10 +55,11 @@ def _ext_backend(device_type: str):
 
         fused = getattr(getattr(_ext, f"{kind}_module")(), f"ipot_distance_{kind}", None)
         if fused is not None:
-            def plan_and_distance(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
+            def plan_and_distance(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1,
+                                  with_plan=True):
                 return fused(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
                              _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration),
-                             int(k))
+                             int(k), bool(with_plan))
             ipot_ext.with_distance = plan_and_distance
         return ipot_ext
     return available, load
@@ -147,6 +148,10 @@ def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     if fused is None:
         return _ref.ipot_distance(C, txt_pad, img_pad, float(beta), int(iteration), int(k),
                                   ipot_fn=fn)
+    if not (C.requires_grad and torch.is_grad_enabled()):
+        # no backward: the kernel need not write the [B, N, M] plan at all
+        return fused(C.detach(), txt_pad, img_pad, float(beta), int(iteration), int(k),
+                     with_plan=False)[1]
     return _FusedDistance.apply(C, txt_pad, img_pad, float(beta), int(iteration), int(k), fused)
 
 
