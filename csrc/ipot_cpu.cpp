@@ -15,21 +15,22 @@
 //     repeat k times: delta = 1 / (n * Q^T sigma);  sigma = 1 / (m * Q delta)
 //     T = delta * Q * sigma
 //
-// Layout and speed: A and Q are m x L row-major with L = n rounded up to a
-// multiple of 16 floats (zeros in the padding columns, delta = 0 there), so
-// every row is whole vectors.  The kernel (csrc/ipot_cpu_kernel.h) is compiled
-// three times, each with vectors as wide as that instruction set's registers:
-// AVX-512 (16 floats), AVX2 (8), and the build's baseline (4: SSE2, NEON);
-// the best one this CPU runs is picked at run time (set_cpu_isa overrides,
-// for tests and benchmarks).  One
-// pass over the rows per iteration: a row's dot product with delta gives its
-// sigma (tree reduction, no scalar tail), then Q = A * T for that row and its
-// share of the next Q^T sigma.  Rows of up to 128 floats are read once (the
-// code is instantiated per vector count and keeps four rows of <= 64 floats,
-// or two longer ones, in registers); longer rows go four at a time through a
-// generic loop that reads them twice.
+// Layout and speed: A and Q are m x L row-major with L = n rounded up to whole
+// vectors (zeros in the padding columns, delta = 0 there).  The kernel
+// (csrc/ipot_cpu_kernel.h) is compiled three times, each with vectors as wide
+// as that instruction set's registers: AVX-512 (16 floats), AVX2 (8) and the
+// build's baseline (4: SSE2, NEON); the best one this CPU runs is picked at
+// run time (set_cpu_isa overrides, for tests and benchmarks).  One pass over
+// the rows per iteration: a row's dot product with delta gives its sigma
+// (tree reduction, no scalar tail), then Q = A * T for that row and its share
+// of the next Q^T sigma.  Short rows (up to 8 vectors with AVX-512's 32
+// registers, 4 otherwise) are read once, kept in registers, several at a
+// time (the code is instantiated per vector count); longer rows go four at a
+// time through a generic loop that reads them twice.
 // A = exp(-C / beta) is computed here, only on the real block, with a
-// vectorised exp (Cody-Waite reduction, degree-7 polynomial, <= 2 ulp).
+// vectorised exp (csrc/simd.h: Cody-Waite reduction, degree-7 polynomial,
+// relative error <= 1e-7, tested),
+// and trace(C T) from the same compact block.
 // The plan's negligible entries decay towards float32's subnormal range,
 // where x86 arithmetic is many times slower: the kernel runs with
 // flush-to-zero / denormals-are-zero (restored afterwards); this changes
