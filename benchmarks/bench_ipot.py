@@ -143,18 +143,16 @@ def _with_grad(cost):
     return cost.detach().requires_grad_()
 
 
-@pytest.mark.parametrize("b", BATCHES)
-@pytest.mark.parametrize("backend", list(bu.registered(OP)))
-def test_ipot_distance(benchmark, collector, backend, b):
-    reason = bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
-    if reason:
-        pytest.skip(reason)
+def _bench_distance(benchmark, collector, b, run, *, backend, label, sweep=None, notes):
+    """Time ``run(cost, txt_pad, img_pad)`` (plan + trace from a cost that
+    requires grad) against the reference twin and UNITER's original sequence;
+    every side must compute the same distances before anything is timed."""
     cost, txt_pad, img_pad = inputs(b)
     cost = _with_grad(cost)
-    benchmark.group = f"ipot+distance B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type}"
+    benchmark.group = f"ipot+distance B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type}{label}"
 
     def fast():
-        return ops.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K, backend=backend)
+        return run(cost, txt_pad, img_pad)
 
     def reference():
         return ref.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K)
@@ -162,7 +160,6 @@ def test_ipot_distance(benchmark, collector, backend, b):
     def original():
         return original_distance(cost, txt_pad, img_pad)
 
-    # every side must compute the same distances before anything is timed
     expect = reference().detach()
     for name, f in (("fast", fast), ("original", original)):
         got = f().detach()
@@ -175,13 +172,25 @@ def test_ipot_distance(benchmark, collector, backend, b):
     rec = bu.make_record(
         op=DIST_OP, group=benchmark.group, mode="fwd", backend=backend, dtype=torch.float32,
         shape={"B": b, "M": M_TXT, "N": N_IMG, "iteration": ITERS, "k": K, "beta": BETA},
-        timing=timing, headline=True, sweep={"batch": b},
+        timing=timing, headline=True, sweep=sweep,
         bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG) + b * 4,
-        flops=numel * (7 * ITERS * K + 4),
-        notes="ipot_distance from a cost that requires grad; 'original' = UNITER's op sequence "
-              "(IPOT loop, then the B×M×M product C·T and its masked diagonal)")
+        flops=numel * (7 * ITERS * K + 4), notes=notes)
     bu.attach(benchmark, rec)
     collector.add(rec)
+
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("backend", list(bu.registered(OP)))
+def test_ipot_distance(benchmark, collector, backend, b):
+    reason = bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    _bench_distance(
+        benchmark, collector, b,
+        lambda c, tp, ip: ops.ipot_distance(c, tp, ip, BETA, ITERS, K, backend=backend),
+        backend=backend, label="", sweep={"batch": b},
+        notes="ipot_distance from a cost that requires grad; 'original' = UNITER's op sequence "
+              "(IPOT loop, then the B×M×M product C·T and its masked diagonal)")
 
 
 # ------------------- the C++ kernel's other instruction sets (what other CPUs run)
@@ -201,35 +210,14 @@ def test_ipot_distance_cpu_isa(benchmark, collector, isa):
         pytest.skip("no other instruction set of the C++ kernel on this device")
     from uniter_fast import _ext
     mod = _ext.cpu_module()
-    b = BATCHES[len(BATCHES) // 2]
-    cost, txt_pad, img_pad = inputs(b)
-    cost = _with_grad(cost)
-    benchmark.group = f"ipot+distance B={b} {M_TXT}x{N_IMG} it={ITERS} {bu.DEVICE.type} isa"
 
-    def fast():
+    def run(cost, txt_pad, img_pad):
         mod.set_cpu_isa(isa)
         try:
             return ops.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K, backend="cpp")
         finally:
             mod.set_cpu_isa("auto")
 
-    def reference():
-        return ref.ipot_distance(cost, txt_pad, img_pad, BETA, ITERS, K)
-
-    def original():
-        return original_distance(cost, txt_pad, img_pad)
-
-    expect = reference().detach()
-    assert torch.allclose(fast().detach(), expect, rtol=1e-5, atol=1e-6)
-    timing = bu.measure(benchmark, fast, {"reference": reference, "original": original})
-    numel = b * M_TXT * N_IMG
-    rec = bu.make_record(
-        op=DIST_OP, group=benchmark.group, mode="fwd", backend=f"cpp[{isa}]",
-        dtype=torch.float32,
-        shape={"B": b, "M": M_TXT, "N": N_IMG, "iteration": ITERS, "k": K, "beta": BETA},
-        timing=timing, headline=True,
-        bytes_moved=numel * 4 * 2 + b * (M_TXT + N_IMG) + b * 4,
-        flops=numel * (7 * ITERS * K + 4),
-        notes=f"C++ kernel forced to its {isa} build (set_cpu_isa)")
-    bu.attach(benchmark, rec)
-    collector.add(rec)
+    _bench_distance(benchmark, collector, BATCHES[len(BATCHES) // 2], run,
+                    backend=f"cpp[{isa}]", label=" isa",
+                    notes=f"C++ kernel forced to its {isa} build (set_cpu_isa)")

@@ -160,8 +160,6 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
                            beta: float = 0.5, iteration: int = 50, k: int = 1, *,
                            backend: Optional[str] = None) -> torch.Tensor:
     """UNITER's WRA distance [B] (float32), IPOT on the chosen backend."""
-    _registry.resolve(OP, backend, txt_emb.device, torch.float32)  # fail early on a bad name
-
     def distance(cost, txt_pad, img_pad, beta, iteration, k):
         return ipot_distance(cost, txt_pad, img_pad, beta, iteration, k, backend=backend)
     return _ref.optimal_transport_dist(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k,
