@@ -24,8 +24,7 @@ def _ext_modules():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
-                                               CUDAExtension)
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
     cxx = ["-O3", "-fopenmp"]

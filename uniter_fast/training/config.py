@@ -1,0 +1,141 @@
+"""Training config (UNITER's JSON format) + DeepSpeed config, and the
+command-line overrides of both, each declared once in :data:`OVERRIDES`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+__all__ = ["OVERRIDES", "DS_OVERRIDES", "build_arg_parser", "load_configs", "read_json",
+           "apply_deepspeed_overrides"]
+
+# (name, type, help): ``--name`` overrides the training config's ``name``
+OVERRIDES: Tuple[Tuple[str, type, str], ...] = (
+    ("output_dir", str, "where checkpoints, metrics and configs are written"),
+    ("num_train_steps", int, "optimizer steps of the whole run"),
+    ("model_config", str, "model config JSON or a packaged name (uniter-base, uniter-tiny, ...)"),
+    ("checkpoint", str, "plain state dict (.pt) to start from"),
+    ("train_batch_size", int, "tokens per batch (token-bucket batching)"),
+    ("val_batch_size", int, "tokens per validation batch"),
+    ("seed", int, "random seed"),
+    ("save_steps", int, "checkpoint every N steps"),
+    ("valid_steps", int, "validate every N steps"),
+    ("log_steps", int, "write a metrics record every N steps"),
+    ("warmup_steps", int, "linear learning-rate warmup steps"),
+    ("itm_ot_lambda", float, "weight of the WRA (optimal transport) loss in itm"),
+    ("mrm_prob", float, "masked region probability"),
+    ("itm_neg_prob", float, "probability of a negative pair in itm"),
+    ("n_workers", int, "DataLoader workers"),
+    ("learning_rate", float, "peak learning rate"),
+)
+
+# (name, choices or type, help): ``--name`` overrides the DeepSpeed config
+DS_OVERRIDES: Tuple[Tuple[str, Any, str], ...] = (
+    ("zero_stage", (0, 1, 2, 3), "ZeRO stage"),
+    ("precision", ("bf16", "fp16", "fp32"), "training precision"),
+    ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+)
+
+
+def read_json(path: str, what: str) -> Dict[str, Any]:
+    """Load a JSON object, with errors that name the file and what it is."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path} not found")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not a UTF-8 text file ({e.reason})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def build_arg_parser(description: str = "", default_config: Optional[str] = None,
+                     overrides: Iterable[Tuple[str, type, str]] = OVERRIDES
+                     ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=default_config,
+                   help="UNITER-style training config JSON (default: the embedded synthetic one)")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed config JSON (default: ./ds.json)")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p.add_argument("--resume", action="store_true",
+                   help="continue from output_dir/ckpt/latest (same data order and step count)")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--debug_rank_files", action="store_true",
+                   help="every rank writes metrics_rank{r}.jsonl (with a fingerprint of its "
+                        "batches) and its final weights final_weights_rank{r}.pt")
+    for name, typ, help_ in overrides:
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"override config {name}: {help_}")
+    for name, kind, help_ in DS_OVERRIDES:
+        if isinstance(kind, tuple):
+            p.add_argument(f"--{name}", type=type(kind[0]), choices=list(kind), default=None,
+                           help=f"override ds.json: {help_}")
+        else:
+            p.add_argument(f"--{name}", type=kind, default=None, help=f"override ds.json: {help_}")
+    return p
+
+
+def apply_deepspeed_overrides(cfg: Dict[str, Any], ds: Dict[str, Any], args) -> Dict[str, Any]:
+    """Command-line and UNITER training-config settings that land in the DeepSpeed config."""
+    if getattr(args, "zero_stage", None) is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if getattr(args, "precision", None) is not None:
+        ds.setdefault("bf16", {})["enabled"] = args.precision == "bf16"
+        ds.setdefault("fp16", {})["enabled"] = args.precision == "fp16"
+    cli_accum = getattr(args, "gradient_accumulation_steps", None)
+    if cli_accum is not None:
+        ds["gradient_accumulation_steps"] = cli_accum
+    ds.pop("train_batch_size", None)   # batches are token buckets; DS only counts micro-batches
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    sched = ds.get("scheduler")
+    if sched and sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        sp = sched.setdefault("params", {})
+        sp["total_num_steps"] = int(cfg["num_train_steps"])
+        warm = cfg.get("warmup_steps", sp.get("warmup_num_steps", 0))
+        sp["warmup_num_steps"] = int(min(warm, cfg["num_train_steps"]))
+    # UNITER's own optimizer keys, when a training config carries them, win over ds.json
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    op = opt.setdefault("params", {})
+    if cfg.get("grad_norm") is not None:
+        ds["gradient_clipping"] = 0.0 if cfg["grad_norm"] == -1 else float(cfg["grad_norm"])
+    if cfg.get("betas") is not None:
+        op["betas"] = [float(b) for b in cfg["betas"]]
+    if cfg.get("weight_decay") is not None:
+        op["weight_decay"] = float(cfg["weight_decay"])
+    if cfg.get("gradient_accumulation_steps") is not None and cli_accum is None:
+        ds["gradient_accumulation_steps"] = int(cfg["gradient_accumulation_steps"])
+    if cfg.get("learning_rate") is not None:
+        op["lr"] = cfg["learning_rate"]
+        if sched and "warmup_max_lr" in sched.get("params", {}):
+            sched["params"]["warmup_max_lr"] = cfg["learning_rate"]
+    return ds
+
+
+def load_configs(args, required: Sequence[str] = ("output_dir", "num_train_steps",
+                                                  "train_batch_size", "train_datasets",
+                                                  "model_config"),
+                 overrides: Iterable[Tuple[str, type, str]] = OVERRIDES
+                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(training config, DeepSpeed config) with the command line's overrides applied."""
+    cfg = read_json(args.config, "training config")
+    for name, _, _ in overrides:
+        v = getattr(args, name, None)
+        if v is not None:
+            cfg[name] = v
+    for k in required:
+        if cfg.get(k) is None:
+            raise ValueError(f"training config {args.config} lacks {k!r}")
+    if int(cfg["num_train_steps"]) < 1:
+        raise ValueError(f"num_train_steps must be >= 1, got {cfg['num_train_steps']}")
+    ds_path = args.deepspeed_config or "ds.json"
+    if not os.path.exists(ds_path):
+        raise ValueError(f"DeepSpeed config {ds_path} not found (pass --deepspeed_config)")
+    ds = read_json(ds_path, "DeepSpeed config")
+    return cfg, apply_deepspeed_overrides(cfg, ds, args)

@@ -1,0 +1,235 @@
+"""The trainer: one loop for every task.
+
+Owns the output directory (refuses to overwrite a run without ``--resume``),
+seeds, the DeepSpeed engine, gradient accumulation, logging, validation
+scheduling, checkpoints (crash-safe ``latest``, see :mod:`uniter_fast.checkpoint`)
+and exact resume (data position, Python/NumPy/torch RNG, optimizer and
+scheduler state).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import zlib
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt_lib
+from ..data import move_to_device
+from .config import build_arg_parser, load_configs
+from .distributed import barrier, init_distributed, setup_device
+from .engine import create_engine, full_state_dict
+from .metrics import MetricsWriter, RunningMean, progress_bar
+from .task import RunContext, TrainTask
+
+__all__ = ["Trainer", "set_seed"]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rs: Dict[str, Any]) -> None:
+    random.setstate(rs["python"])
+    np.random.set_state(rs["numpy"])
+    torch.set_rng_state(rs["torch"])
+
+
+class Trainer:
+    """Runs ``task`` as configured by ``argv`` (the command line of train.py / finetune.py)."""
+
+    def __init__(self, task: TrainTask, default_config: Optional[str] = None,
+                 description: str = "", parser=None):
+        self.task = task
+        self.parser = parser or build_arg_parser(description, default_config)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, argv: Optional[List[str]] = None) -> None:
+        task = self.task
+        self.args = args = self.parser.parse_args(argv)
+        self.cfg, self.ds_config = load_configs(args, required=task.required_keys)
+        cfg = self.cfg
+        self.rank, self.world_size, acc = init_distributed()
+        self.device = setup_device(acc, args.local_rank, self.world_size)
+        self.out_dir = cfg["output_dir"]
+        self.ckpt_dir = os.path.join(self.out_dir, "ckpt")
+        if self.rank == 0:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            if not args.resume and ckpt_lib.read_latest(self.ckpt_dir) is not None:
+                raise ValueError(f"{self.ckpt_dir} already holds a checkpoint: pass --resume to "
+                                 "continue it, or choose another --output_dir")
+        barrier()
+        self.seed = int(cfg.get("seed", 42))
+        set_seed(self.seed + self.rank)
+
+        # data: rank 0 first (one-time generation of synthetic dbs), then everyone
+        if self.rank == 0:
+            task.prepare_data(cfg, self.rank)
+        barrier()
+        if self.rank != 0:
+            task.prepare_data(cfg, self.rank)
+        self.meta = task.data_meta(cfg)
+        self.accum = int(self.ds_config.get("gradient_accumulation_steps", 1))
+        self.train_loader = task.train_loader(cfg, self.rank, self.world_size, self.accum)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.val_loaders = task.val_loaders(cfg, self.rank, self.world_size)
+
+        # model + engine
+        torch.manual_seed(self.seed)     # same initial weights on every rank
+        model = task.build_model(cfg, self.meta)
+        self.engine = create_engine(model, task.param_groups(model, cfg, self.ds_config),
+                                    self.ds_config)
+        self.fp16 = self.engine.fp16_enabled()
+        set_seed(self.seed + self.rank)
+        self.ctx = RunContext(self.device, self.rank, self.world_size, self.zero_stage,
+                              self.out_dir, cfg)
+
+        self.global_step = 0
+        self.resumed = False
+        if args.resume:
+            self._resume()
+        if self.rank == 0:
+            with open(os.path.join(self.out_dir, "train_config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+            with open(os.path.join(self.out_dir, "ds_config.json"), "w") as f:
+                json.dump(self.ds_config, f, indent=1)
+        self.log = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl")
+                                 if self.rank == 0 else None)
+        self.rank_log = MetricsWriter(os.path.join(self.out_dir,
+                                                   f"metrics_rank{self.rank}.jsonl")
+                                      if args.debug_rank_files else None)
+
+    def _resume(self) -> None:
+        tag, client = ckpt_lib.load_latest(self.engine, self.ckpt_dir)
+        if tag is None:
+            return
+        self.global_step = int(client["global_step"])
+        self.resumed = self.global_step > 0
+        if client.get("data") is not None:      # None: made by export from-pt
+            self.train_loader.load_state_dict(client["data"])
+        if client.get("rng") is not None:
+            _set_rng_state(client["rng"])
+
+    def client_state(self) -> Dict[str, Any]:
+        return {"global_step": self.global_step, "data": self.train_loader.state_dict(),
+                "rng": _rng_state(), "task": self.task.name}
+
+    def save(self) -> str:
+        return ckpt_lib.save(self.engine, self.ckpt_dir, self.global_step, self.client_state(),
+                             keep=int(self.cfg.get("keep_checkpoints", 2)))
+
+    def validate(self) -> Dict[str, float]:
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return self.task.validate(self.engine, self.val_loaders, self.ctx)
+        finally:
+            self.engine.train()
+
+    # ------------------------------------------------------------------ loop
+    def run(self, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+        self.setup(argv)
+        task, cfg, engine, args = self.task, self.cfg, self.engine, self.args
+        log = self.log
+        n_steps = int(cfg["num_train_steps"])
+        save_steps = int(cfg.get("save_steps") or n_steps)
+        valid_steps = int(cfg.get("valid_steps") or n_steps)
+        log_steps = int(cfg.get("log_steps") or 1)
+        pbar = progress_bar(self.rank == 0 and not args.no_progress, n_steps, self.global_step,
+                            task.name)
+        running = defaultdict(RunningMean)
+        engine.train()
+        log({"event": "start", "step": self.global_step, "task": task.name,
+             "world_size": self.world_size, "zero_stage": self.zero_stage,
+             "dtype": str(next(engine.module.parameters()).dtype),
+             "device": str(self.device), "resumed": self.resumed})
+
+        t_start = time.time()
+        t_last, tok_acc, ex_acc = time.time(), 0, 0
+        last_val: Dict[str, float] = {}
+        micro = 0
+        while self.global_step < n_steps:
+            name, batch = self.train_loader.next()
+            task.check_batch(name, batch)
+            batch = move_to_device(batch, self.device)
+            loss, extra = task.compute_loss(engine, name, batch, cfg)
+            if not self.fp16 and not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(f"step {self.global_step}: {name} loss is "
+                                         f"{float(loss)}; stopping before the weights are "
+                                         "corrupted")
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            ntok, nex = task.batch_size(batch)
+            tok_acc += ntok
+            ex_acc += nex
+            lval = float(loss.detach())
+            running[name](lval)
+            if self.rank_log.path:
+                fp = int(zlib.crc32(batch["input_ids"].cpu().numpy().tobytes()))
+                self.rank_log({"micro_step": micro, "step": self.global_step, "task": name,
+                               "loss": lval, "data_fp": fp, "lr": float(engine.get_lr()[0]),
+                               "n_examples": nex})
+            if micro % self.accum != 0:      # not an optimizer step yet (gradient accumulation)
+                continue
+            self.global_step += 1
+            step = self.global_step
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix({n.split("_")[0]: f"{m.val:.3f}" for n, m in running.items()},
+                                 refresh=False)
+            if step % log_steps == 0 or step == n_steps:
+                now = time.time()
+                rec = {"step": step, "task": name, "loss": lval,
+                       "lr": float(engine.get_lr()[0]),
+                       "tokens_per_s": tok_acc * self.world_size / max(now - t_last, 1e-9),
+                       "examples_per_s": ex_acc * self.world_size / max(now - t_last, 1e-9),
+                       "elapsed_s": now - t_start, **extra}
+                gn = engine.get_global_grad_norm()
+                if gn is not None:
+                    rec["grad_norm"] = float(gn)
+                if self.fp16:
+                    rec["loss_scale"] = float(engine.optimizer.cur_scale) \
+                        if hasattr(engine.optimizer, "cur_scale") else None
+                    rec["skipped_steps"] = int(engine.skipped_steps)
+                rec.update({f"running/{n}": m.val for n, m in running.items()})
+                log(rec)
+                t_last, tok_acc, ex_acc = now, 0, 0
+            if step % valid_steps == 0 or step == n_steps:
+                last_val = self.validate()
+                log({"step": step, "event": "validation", **last_val})
+                if pbar is not None:
+                    pbar.write(f"step {step} validation: " +
+                               ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_val.items())))
+            if step % save_steps == 0 or step == n_steps:
+                self.save()
+        if pbar is not None:
+            pbar.close()
+        if self.rank_log.path:
+            self.rank_log.close()
+            torch.save(full_state_dict(engine, self.zero_stage),
+                       os.path.join(self.out_dir, f"final_weights_rank{self.rank}.pt"))
+        wall = time.time() - t_start
+        summary = {"event": "end", "step": self.global_step, "task": task.name,
+                   "train_wall_s": wall,
+                   "skipped_steps": int(engine.skipped_steps) if self.fp16 else 0,
+                   "running": {n: m.val for n, m in running.items()}, "validation": last_val}
+        task.end_of_run(engine, self.ctx, summary)
+        log(summary)
+        if self.rank == 0:
+            log.close()
+            print(json.dumps(summary))
+        summary["engine"] = engine
+        return summary

@@ -1,0 +1,153 @@
+"""UNITER pretraining as a :class:`~uniter_fast.training.task.TrainTask`:
+mlm, mrfr, mrc, mrc-kl and itm (+ WRA) mixed by the config's mix ratios."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import CONFIG_DIR, UniterConfig, config_path
+from ..data import create_train_loader, create_val_loaders, task_of, text_meta
+from .loop import Trainer
+from .task import RunContext, TrainTask
+from .validation import reduce_sums, val_batches
+
+__all__ = ["DESCRIPTION", "DEFAULT_CONFIG", "IMG_DIM", "IMG_LABEL_DIM", "PretrainTask", "build_model",
+           "compute_loss", "load_model_config", "main"]
+
+DESCRIPTION = "UNITER pretraining under DeepSpeed."
+DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "pretrain-synthetic-tiny.json")
+IMG_DIM, IMG_LABEL_DIM = 2048, 1601   # UNITER's constants (real BUTD features)
+
+
+def load_model_config(cfg: Dict[str, Any]) -> UniterConfig:
+    """The training config's ``model_config``: a JSON path or a packaged name."""
+    mc = cfg["model_config"]
+    if not os.path.exists(mc):
+        mc = config_path(mc)
+    return UniterConfig(mc)
+
+
+def set_dropout(model: torch.nn.Module, p: Optional[float]) -> None:
+    """The training config's ``dropout`` on every dropout layer (None: keep the model's)."""
+    if p is None:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = float(p)
+
+
+def check_text_fits(config: UniterConfig, meta: Dict[str, Any], cfg: Dict[str, Any]) -> None:
+    if meta.get("v_range") and meta["v_range"][1] > config.vocab_size:
+        raise ValueError(f"text db vocabulary (v_range {meta['v_range']}) exceeds the model's "
+                         f"vocab_size {config.vocab_size}")
+    if cfg.get("max_txt_len", 60) + 2 > config.max_position_embeddings:
+        raise ValueError(f"max_txt_len {cfg.get('max_txt_len', 60)} + 2 exceeds "
+                         f"max_position_embeddings {config.max_position_embeddings}")
+
+
+def build_model(cfg: Dict[str, Any], meta: Dict[str, Any]):
+    from ..model import UniterForPretraining
+    config = load_model_config(cfg)
+    img_dim = int(cfg.get("img_dim") or IMG_DIM)
+    label_dim = int(cfg.get("img_label_dim") or meta.get("img_label_dim") or IMG_LABEL_DIM)
+    check_text_fits(config, meta, cfg)
+    if cfg.get("checkpoint"):
+        state = torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)
+        model = UniterForPretraining.from_pretrained(config, state, img_dim=img_dim,
+                                                     img_label_dim=label_dim)
+    else:
+        model = UniterForPretraining(config, img_dim=img_dim, img_label_dim=label_dim)
+    set_dropout(model, cfg.get("dropout"))
+    return model
+
+
+def compute_loss(model, batch, task: str, itm_ot_lambda: float):
+    """UNITER's per-task loss: itm via itm_ot_loss, others the mean of the
+    per-element losses.  Returns (loss, extra logs)."""
+    from ..model import itm_ot_loss
+    out = model(batch, task=task, compute_loss=True)
+    if task == "itm":
+        itm_loss, ot = out
+        loss = itm_ot_loss(itm_loss, ot, itm_ot_lambda)
+        extra = {"itm_xe": float(itm_loss.mean().detach())}
+        if ot is not None:
+            pos, neg = ot
+            if pos.numel():
+                extra["ot_pos"] = float(pos.mean().detach())
+            if neg.numel():
+                extra["ot_neg"] = float(neg.mean().detach())
+        return loss, extra
+    return out.mean(), {}
+
+
+def validate_pretrain(engine, val_loaders, ctx: RunContext) -> Dict[str, float]:
+    logs = {}
+    for name, loader in val_loaders.items():
+        task = task_of(name)
+        sums = defaultdict(float)
+        for b, real in val_batches(loader, ctx):
+            if not real:
+                engine(b, task=task, compute_loss=False)
+                continue
+            if task == "mlm":
+                scores = engine(b, task=task, compute_loss=False).float()
+                labels = b["txt_labels"][b["txt_labels"] != -1]
+                sums["loss"] += float(F.cross_entropy(scores, labels, reduction="sum"))
+                sums["correct"] += float((scores.argmax(-1) == labels).sum())
+                sums["n"] += labels.numel()
+            elif task == "itm":
+                scores, _ = engine(b, task=task, compute_loss=False)
+                scores = scores.float()
+                sums["loss"] += float(F.cross_entropy(scores, b["targets"], reduction="sum"))
+                sums["correct"] += float((scores.argmax(-1) == b["targets"]).sum())
+                sums["n"] += b["targets"].numel()
+            elif task == "mrfr":
+                pred = engine(b, task=task, compute_loss=False).float()
+                sums["loss"] += float(F.mse_loss(pred, b["feat_targets"].float(),
+                                                 reduction="sum")) / pred.size(-1)
+                sums["n"] += pred.size(0)
+            else:   # mrc / mrc-kl
+                pred = engine(b, task=task, compute_loss=False).float()
+                tgt = b["label_targets"].float()
+                sums["loss"] += float(F.kl_div(F.log_softmax(pred, -1), tgt, reduction="sum"))
+                sums["correct"] += float((pred[:, 1:].argmax(-1) == tgt[:, 1:].argmax(-1)).sum())
+                sums["n"] += pred.size(0)
+        t = reduce_sums(sums, ("loss", "correct", "n"), ctx.world_size)
+        if t["n"] > 0:
+            logs[f"{name}/loss"] = t["loss"] / t["n"]
+            if task != "mrfr":
+                logs[f"{name}/acc"] = t["correct"] / t["n"]
+    return logs
+
+
+class PretrainTask(TrainTask):
+    name = "pretrain"
+
+    def prepare_data(self, cfg, rank):
+        self._meta = text_meta(cfg)      # generates the synthetic dbs on first use
+
+    def data_meta(self, cfg):
+        return self._meta
+
+    def train_loader(self, cfg, rank, world_size, accum_steps):
+        return create_train_loader(cfg, rank, world_size, accum_steps=accum_steps)
+
+    def val_loaders(self, cfg, rank, world_size):
+        return create_val_loaders(cfg, rank, world_size)
+
+    def build_model(self, cfg, meta):
+        return build_model(cfg, meta)
+
+    def compute_loss(self, engine, name, batch, cfg):
+        return compute_loss(engine, batch, task_of(name), float(cfg.get("itm_ot_lambda", 0.0)))
+
+    def validate(self, engine, val_loaders, ctx):
+        return validate_pretrain(engine, val_loaders, ctx)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    return Trainer(PretrainTask(), DEFAULT_CONFIG, DESCRIPTION).run(argv)
