@@ -1,7 +1,8 @@
 """UNITER's joint vision-language encoder (``UniterModel``), drop-in for ``model/model.py``."""
 import copy
 import logging
-from typing import Any, Dict, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from .layer import BertLayer, BertPooler, LayerNorm
 logger = logging.getLogger(__name__)
 
 __all__ = ["UniterConfig", "UniterPreTrainedModel", "UniterTextEmbeddings",
-           "UniterImageEmbeddings", "UniterEncoder", "UniterModel"]
+           "UniterImageEmbeddings", "UniterEncoder", "UniterModel", "LoadReport",
+           "adapt_state_dict", "load_checkpoint", "encoder_prefix", "check_encoder_batch"]
 
 
 def _load_config(config_file: Union[str, Dict[str, Any], UniterConfig]) -> UniterConfig:
@@ -45,31 +47,204 @@ class UniterPreTrainedModel(nn.Module):
             module.bias.data.zero_()
 
     @classmethod
-    def from_pretrained(cls, config_file, state_dict: Dict[str, torch.Tensor], *inputs, **kwargs):
-        """Build from a config (JSON path, shipped name, dict or UniterConfig) and a state dict.
+    def from_pretrained(cls, config_file, state_dict: Optional[Mapping[str, torch.Tensor]],
+                        *inputs, **kwargs):
+        """Build ``cls(config, *inputs, **kwargs)`` and load a checkpoint into it.
 
-        As in UNITER: TF-style ``gamma``/``beta`` names are renamed, a
-        ``bert.`` prefix is handled, missing/unexpected keys are logged, and a
-        shape mismatch raises.
+        ``config_file``: a JSON path, a shipped config name ("uniter-base"), a
+        dict or a UniterConfig.  ``state_dict``: a UNITER/BERT state dict, as
+        saved by the original code, by ``uniter_fast.export`` or wrapped by
+        DDP/DeepSpeed; see :func:`load_checkpoint` for the key adaptation
+        (``module.``, ``bert.``, ``uniter.`` prefixes, TF ``gamma``/``beta``)
+        and what is logged.  Raises ``ValueError`` when the checkpoint does not
+        provide the encoder (task heads may be missing) and ``RuntimeError`` on
+        a shape mismatch.  ``state_dict=None`` starts from random weights (logged).
         """
         config = _load_config(config_file)
         model = cls(config, *inputs, **kwargs)
-        renamed = {}
-        for key, value in state_dict.items():
-            new_key = key.replace("gamma", "weight") if "gamma" in key else key
-            new_key = new_key.replace("beta", "bias") if "beta" in new_key else new_key
-            renamed[new_key] = value
-        own = model.state_dict()
-        if not any(k.startswith("bert.") for k in own) and any(k.startswith("bert.") for k in renamed):
-            renamed = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in renamed.items()}
-        result = model.load_state_dict(renamed, strict=False)
-        if result.missing_keys:
-            logger.info("Weights of %s not initialized from pretrained model: %s",
-                        cls.__name__, result.missing_keys)
-        if result.unexpected_keys:
-            logger.info("Weights from pretrained model not used in %s: %s",
-                        cls.__name__, result.unexpected_keys)
+        if state_dict is None:
+            logger.warning("%s: no checkpoint given; every weight is randomly initialised",
+                           cls.__name__)
+            return model
+        load_checkpoint(model, state_dict)
         return model
+
+
+# ----------------------------------------------------------------------------- checkpoint loading
+
+#: the children of ``UniterModel``: a checkpoint key ``[uniter.|bert.]<one of these>.…`` is an
+#: encoder weight, whatever prefix its checkpoint used
+ENCODER_SUBMODULES = ("embeddings", "img_embeddings", "encoder", "pooler")
+#: prefixes under which checkpoints store the encoder (UNITER, BERT / ``convert_ckpt.py``)
+ENCODER_PREFIXES = ("uniter.", "bert.")
+#: prefix added by DDP / DeepSpeed / ``torch.compile``-free wrappers
+WRAPPER_PREFIX = "module."
+#: keys under which a checkpoint file may nest the state dict (DeepSpeed: ``module``)
+NESTED_STATE_KEYS = ("module", "model", "state_dict")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did.
+
+    ``loaded``: model keys filled from the checkpoint (a tied weight counts as
+    loaded when its twin was); ``missing``: model keys left at their
+    initialisation; ``unexpected``: checkpoint keys (after adaptation) the model
+    has no place for; ``renamed``: checkpoint key -> model key where they differ;
+    ``exempt``: missing encoder keys that were allowed (image embeddings when
+    starting from a text-only BERT checkpoint).
+    """
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    renamed: Dict[str, str] = field(default_factory=dict)
+    exempt: List[str] = field(default_factory=list)
+
+
+def encoder_prefix(model: nn.Module) -> str:
+    """Key prefix of the (first) :class:`UniterModel` inside ``model`` ("" for the encoder itself)."""
+    for name, module in model.named_modules():
+        if isinstance(module, UniterModel):
+            return name + "." if name else ""
+    raise ValueError(f"{type(model).__name__} contains no UniterModel")
+
+
+def _unwrap_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"checkpoint must be a state dict (a mapping of names to tensors), "
+                         f"got {type(state_dict).__name__}")
+    if all(torch.is_tensor(v) for v in state_dict.values()):
+        return state_dict
+    for key in NESTED_STATE_KEYS:
+        inner = state_dict.get(key)
+        if isinstance(inner, Mapping) and inner and all(torch.is_tensor(v) for v in inner.values()):
+            logger.info("checkpoint: using the state dict nested under %r", key)
+            return inner
+    bad = next(k for k, v in state_dict.items() if not torch.is_tensor(v))
+    raise ValueError(f"checkpoint is not a state dict: key {bad!r} holds a "
+                     f"{type(state_dict[bad]).__name__}, not a tensor (and no "
+                     f"{'/'.join(NESTED_STATE_KEYS)} entry holds one)")
+
+
+def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
+    """Map checkpoint keys onto ``model``'s names.
+
+    * a nested ``{"module": sd}`` (DeepSpeed model states) is unwrapped;
+    * leading ``module.`` (DDP / DeepSpeed) prefixes are stripped;
+    * TF-style ``….gamma`` / ``….beta`` become ``….weight`` / ``….bias`` (as UNITER does);
+    * encoder keys (``embeddings.``, ``img_embeddings.``, ``encoder.``, ``pooler.`` under
+      ``uniter.``, ``bert.`` or no prefix) are put under the model's encoder prefix, so
+      an encoder-only state dict loads into a task model and a task model's into
+      ``UniterModel``; every other key is kept as it is.
+
+    Returns ``(adapted, renamed, from_bert)``; two checkpoint keys that map to one
+    model key raise ``ValueError``.
+    """
+    state_dict = _unwrap_state_dict(state_dict)
+    own_keys = model.state_dict().keys()
+    strip_module = not any(k.startswith(WRAPPER_PREFIX) for k in own_keys)
+    enc = encoder_prefix(model)
+    adapted: Dict[str, torch.Tensor] = {}
+    source: Dict[str, str] = {}
+    renamed: Dict[str, str] = {}
+    from_bert = False
+    for key, value in state_dict.items():
+        new = key
+        while strip_module and new.startswith(WRAPPER_PREFIX):
+            new = new[len(WRAPPER_PREFIX):]
+        head, _, last = new.rpartition(".")
+        if last in ("gamma", "beta"):
+            new = (head + "." if head else "") + ("weight" if last == "gamma" else "bias")
+        rest = None
+        for p in ENCODER_PREFIXES:
+            if new.startswith(p) and new[len(p):].split(".", 1)[0] in ENCODER_SUBMODULES:
+                rest = new[len(p):]
+                from_bert |= p == "bert."
+                break
+        if rest is None and new.split(".", 1)[0] in ENCODER_SUBMODULES and new not in own_keys:
+            rest = new
+        if rest is not None:
+            new = enc + rest
+        if new in adapted:
+            raise ValueError(f"checkpoint keys {source[new]!r} and {key!r} both map to model key "
+                             f"{new!r}")
+        adapted[new], source[new] = value, key
+        if new != key:
+            renamed[key] = new
+    return adapted, renamed, from_bert
+
+
+def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *,
+                    require_encoder: bool = True) -> LoadReport:
+    """Load a pretrained / fine-tuned checkpoint into a UNITER model, non-strictly
+    but never silently.
+
+    Keys are adapted by :func:`adapt_state_dict`; values of any floating dtype
+    (fp16/bf16 saves) are cast to the model's.  A shape mismatch raises
+    ``RuntimeError``.  With ``require_encoder`` (default), every encoder weight
+    (``uniter.*`` of a task model) must come from the checkpoint, otherwise
+    ``ValueError`` lists the missing keys; only task heads may stay at their
+    initialisation (and, from a text-only BERT checkpoint, the image embeddings).
+    What loaded, what did not and what was unused is logged and returned.
+    """
+    name = type(model).__name__
+    adapted, renamed, from_bert = adapt_state_dict(state_dict, model)
+    if not adapted:
+        raise ValueError(f"{name}: the checkpoint is an empty state dict; pass state_dict=None "
+                         "to start from random weights")
+    own = model.state_dict(keep_vars=True)
+    mismatch = [f"size mismatch for {k}: copying a param with shape {tuple(v.shape)} from "
+                f"checkpoint, the shape in current model is {tuple(own[k].shape)}"
+                for k, v in adapted.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatch:
+        hint = ""
+        if any("token_type_embeddings" in m for m in mismatch):
+            hint = ("\n\t(token_type_embeddings with 3 rows is a fine-tuned NLVR2 checkpoint: build "
+                    "the model, call init_type_embedding(), then load_state_dict it)")
+        raise RuntimeError(f"Error(s) in loading state_dict for {name}:\n\t"
+                           + "\n\t".join(mismatch) + hint)
+    usable = {k: v for k, v in adapted.items() if k in own}
+    model.load_state_dict(usable, strict=False)
+    # a tied weight (MLM decoder = word embeddings) is loaded when its twin is
+    by_tensor: Dict[int, List[str]] = {}
+    for k, t in own.items():
+        by_tensor.setdefault(id(t), []).append(k)
+    loaded_ids = {id(own[k]) for k in usable}
+    report = LoadReport(renamed=renamed)
+    for k, t in own.items():
+        (report.loaded if id(t) in loaded_ids else report.missing).append(k)
+    report.unexpected = [k for k in adapted if k not in own]
+    enc = encoder_prefix(model)
+    enc_missing = [k for k in report.missing if k.startswith(enc)]
+    if from_bert:
+        report.exempt = [k for k in enc_missing if k.startswith(enc + "img_embeddings.")]
+        enc_missing = [k for k in enc_missing if k not in report.exempt]
+    if require_encoder and enc_missing:
+        n_enc = sum(1 for k in own if k.startswith(enc))
+        back = {v: k for k, v in renamed.items()}
+        sample = [back.get(k, k) for k in list(adapted)[:5]]
+        raise ValueError(
+            f"{name}: the checkpoint does not provide the UNITER encoder: {len(enc_missing)} of "
+            f"{n_enc} encoder tensors are missing: {_short(enc_missing)}. Checkpoint keys look "
+            f"like {sample}; expected e.g. {enc + 'embeddings.word_embeddings.weight'!r} "
+            f"(prefixes {WRAPPER_PREFIX!r}, 'bert.', 'uniter.' are adapted)")
+    logger.info("%s: loaded %d of %d tensors from the checkpoint%s", name, len(report.loaded),
+                len(own), f" ({len(renamed)} keys renamed, e.g. {next(iter(renamed.items()))})"
+                if renamed else "")
+    if report.exempt:
+        logger.warning("%s: BERT checkpoint has no image embeddings; randomly initialised: %s",
+                       name, report.exempt)
+    if report.missing:
+        logger.warning("Weights of %s not initialized from pretrained model: %s", name,
+                       report.missing)
+    if report.unexpected:
+        logger.info("Weights from pretrained model not used in %s: %s", name, report.unexpected)
+    return report
+
+
+def _short(keys: Sequence[str], n: int = 10) -> str:
+    return str(list(keys[:n]))[:-1] + (f", ... ({len(keys) - n} more)]" if len(keys) > n else "]")
 
 
 class UniterTextEmbeddings(nn.Module):
@@ -189,3 +364,78 @@ def _to_param_dtype(x: Optional[torch.Tensor], module: nn.Module) -> Optional[to
         return None
     dtype = module.embeddings.word_embeddings.weight.dtype
     return x.to(dtype) if x.dtype != dtype and x.is_floating_point() else x
+
+
+# ----------------------------------------------------------------------------- batch checks
+
+ENCODER_BATCH_KEYS = ("input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks",
+                      "gather_index")
+
+
+def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequence[str] = (),
+                        what: str = "batch") -> None:
+    """Raise ``ValueError`` naming the problem when ``batch`` cannot go through ``uniter``.
+
+    Checks that the encoder keys and ``need`` are present, batch sizes agree,
+    ``img_feat`` is [B, N, img_dim], ``img_pos_feat`` [B, N, 7], ``gather_index``
+    and ``attn_masks`` are [B, joint_len], the text fits the position embeddings,
+    and (one host sync) ``gather_index`` / ``input_ids`` / ``img_type_ids`` /
+    ``txt_type_ids`` are in range and the features finite.
+    """
+    if not isinstance(batch, dict):
+        raise ValueError(f"{what} must be a dict of tensors, got {type(batch).__name__}")
+    missing = [k for k in list(ENCODER_BATCH_KEYS) + list(need) if batch.get(k) is None]
+    if missing:
+        raise ValueError(f"{what} is missing {missing}")
+    cfg = uniter.config
+    ids, feat, pos = batch["input_ids"], batch["img_feat"], batch["img_pos_feat"]
+    attn, gidx = batch["attn_masks"], batch["gather_index"]
+    b = ids.size(0)
+    for key in ("img_feat", "img_pos_feat", "attn_masks", "gather_index"):
+        if batch[key].size(0) != b:
+            raise ValueError(f"batch size mismatch: input_ids has {b} examples, "
+                             f"{key} has {batch[key].size(0)}")
+    if feat.dim() != 3 or feat.size(-1) != uniter.img_dim:
+        raise ValueError(f"img_feat must be [B, N, img_dim={uniter.img_dim}], "
+                         f"got {tuple(feat.shape)}")
+    if pos.dim() != 3 or pos.size(1) != feat.size(1) or pos.size(-1) != 7:
+        raise ValueError(f"img_pos_feat must be [B, N={feat.size(1)}, 7], got {tuple(pos.shape)}")
+    if gidx.dim() != 2 or attn.dim() != 2 or gidx.size(1) != attn.size(1):
+        raise ValueError(f"gather_index {tuple(gidx.shape)} and attn_masks {tuple(attn.shape)} "
+                         f"must both be [B, joint_len]")
+    if ids.size(1) > cfg.max_position_embeddings:
+        raise ValueError(f"text length {ids.size(1)} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    n_types = uniter.embeddings.token_type_embeddings.num_embeddings
+    typed = []
+    for key, shape in (("img_type_ids", tuple(feat.shape[:2])), ("txt_type_ids", tuple(ids.shape))):
+        t = batch.get(key)
+        if t is not None:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{key} must have shape {shape}, got {tuple(t.shape)}")
+            typed.append((key, t))
+    tl, nbb = ids.size(1), feat.size(1)
+    no = torch.zeros((), dtype=torch.bool, device=ids.device)
+
+    def out_of_range(t, hi):
+        return ((t.min() < 0) | (t.max() >= hi)).to(no.device) if t.numel() else no
+
+    # one host sync for all data-dependent checks
+    flags = torch.stack([out_of_range(gidx, tl + nbb), (~torch.isfinite(feat).all()).to(no.device),
+                         (~torch.isfinite(pos).all()).to(no.device),
+                         out_of_range(ids, cfg.vocab_size)]
+                        + [out_of_range(t, n_types) for _, t in typed]).tolist()
+    if flags[0]:
+        raise ValueError(f"gather_index out of range: values must be in [0, {tl + nbb}) "
+                         f"(text length {tl} + regions {nbb})")
+    if flags[1]:
+        raise ValueError("img_feat contains NaN or inf")
+    if flags[2]:
+        raise ValueError("img_pos_feat contains NaN or inf")
+    if flags[3]:
+        raise ValueError(f"input_ids out of range [0, vocab_size={cfg.vocab_size})")
+    for (key, _), bad in zip(typed, flags[4:]):
+        if bad:
+            raise ValueError(f"{key} out of range [0, {n_types}) of token_type_embeddings"
+                             + (" (NLVR2 image types 1, 2 need init_type_embedding())"
+                                if n_types == 2 and key == "img_type_ids" else ""))

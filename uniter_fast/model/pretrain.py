@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import ops
 from .layer import GELU, BertOnlyMLMHead, LayerNorm
-from .model import UniterModel, UniterPreTrainedModel
+from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch
 
 TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
 
@@ -80,49 +80,11 @@ class UniterForPretraining(UniterPreTrainedModel):
         """Raise ValueError naming the problem for a malformed batch."""
         if task not in TASKS and task != "mrckl":
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-        need = ["input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks",
-                "gather_index"]
-        need += {"mlm": ["txt_labels"], "mrfr": ["img_masks", "img_mask_tgt", "feat_targets"],
-                 "itm": ["targets"]}.get(task, [])
+        need = {"mlm": ["txt_labels"], "mrfr": ["img_masks", "img_mask_tgt", "feat_targets"],
+                "itm": ["targets"]}.get(task, [])
         if task.startswith("mrc"):
             need += ["img_masks", "img_mask_tgt", "label_targets"]
-        missing = [k for k in need if batch.get(k) is None]
-        if missing:
-            raise ValueError(f"batch for task {task!r} is missing {missing}")
-        ids, feat, pos = batch["input_ids"], batch["img_feat"], batch["img_pos_feat"]
-        attn, gidx = batch["attn_masks"], batch["gather_index"]
-        b = ids.size(0)
-        for key in ("img_feat", "img_pos_feat", "attn_masks", "gather_index"):
-            if batch[key].size(0) != b:
-                raise ValueError(f"batch size mismatch: input_ids has {b} examples, "
-                                 f"{key} has {batch[key].size(0)}")
-        if feat.dim() != 3 or feat.size(-1) != self.uniter.img_dim:
-            raise ValueError(f"img_feat must be [B, N, img_dim={self.uniter.img_dim}], "
-                             f"got {tuple(feat.shape)}")
-        if pos.dim() != 3 or pos.size(1) != feat.size(1) or pos.size(-1) != 7:
-            raise ValueError(f"img_pos_feat must be [B, N={feat.size(1)}, 7], got {tuple(pos.shape)}")
-        if gidx.dim() != 2 or attn.dim() != 2 or gidx.size(1) != attn.size(1):
-            raise ValueError(f"gather_index {tuple(gidx.shape)} and attn_masks {tuple(attn.shape)} "
-                             f"must both be [B, joint_len]")
-        if ids.size(1) > self.config.max_position_embeddings:
-            raise ValueError(f"text length {ids.size(1)} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        tl, nbb = ids.size(1), feat.size(1)
-        # one host sync for all data-dependent checks
-        flags = torch.stack([
-            (gidx.min() < 0) | (gidx.max() >= tl + nbb) if gidx.numel() else torch.zeros((), dtype=torch.bool, device=gidx.device),
-            ~torch.isfinite(feat).all(), ~torch.isfinite(pos).all(),
-            (ids.min() < 0) | (ids.max() >= self.config.vocab_size) if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device),
-        ]).tolist()
-        if flags[0]:
-            raise ValueError(f"gather_index out of range: values must be in [0, {tl + nbb}) "
-                             f"(text length {tl} + regions {nbb})")
-        if flags[1]:
-            raise ValueError("img_feat contains NaN or inf")
-        if flags[2]:
-            raise ValueError("img_pos_feat contains NaN or inf")
-        if flags[3]:
-            raise ValueError(f"input_ids out of range [0, vocab_size={self.config.vocab_size})")
+        check_encoder_batch(self.uniter, batch, need, what=f"batch for task {task!r}")
         if task == "mrfr" and not torch.isfinite(batch["feat_targets"]).all():
             raise ValueError("feat_targets contains NaN or inf")
 
