@@ -60,6 +60,7 @@ class Trainer:
         task = self.task
         self.args = args = self.parser.parse_args(argv)
         self.cfg, self.ds_config = load_configs(args, required=task.required_keys)
+        task.configure(self.cfg, self.ds_config, args)
         cfg = self.cfg
         self.rank, self.world_size, acc = init_distributed()
         self.device = setup_device(acc, args.local_rank, self.world_size)
@@ -208,6 +209,7 @@ class Trainer:
                 log(rec)
                 t_last, tok_acc, ex_acc = now, 0, 0
             if step % valid_steps == 0 or step == n_steps:
+                self.ctx.step = step
                 last_val = self.validate()
                 log({"step": step, "event": "validation", **last_val})
                 if pbar is not None:
@@ -226,6 +228,7 @@ class Trainer:
                    "train_wall_s": wall,
                    "skipped_steps": int(engine.skipped_steps) if self.fp16 else 0,
                    "running": {n: m.val for n, m in running.items()}, "validation": last_val}
+        self.ctx.step = self.global_step
         task.end_of_run(engine, self.ctx, summary)
         log(summary)
         if self.rank == 0:

@@ -2,6 +2,7 @@
 
 A task is a small object; the trainer calls, in order::
 
+    task.configure(cfg, ds_config, args)         # adjust the loaded configs (every rank)
     task.prepare_data(cfg, rank)                 # rank 0 first (e.g. generate synthetic dbs)
     meta = task.data_meta(cfg)
     loader = task.train_loader(cfg, rank, world, accum)   # .next() -> (name, batch),
@@ -34,6 +35,8 @@ class RunContext:
     zero_stage: int
     output_dir: str
     cfg: Dict[str, Any]
+    #: the optimizer step of the current validation / end of run
+    step: int = 0
 
 
 class TrainTask:
@@ -42,6 +45,11 @@ class TrainTask:
     #: training-config keys that must be present
     required_keys: Tuple[str, ...] = ("output_dir", "num_train_steps", "train_batch_size",
                                       "train_datasets", "model_config")
+
+    def configure(self, cfg: Dict[str, Any], ds_config: Dict[str, Any], args) -> None:
+        """Adjust the loaded training and DeepSpeed configs in place, before anything
+        reads them (task-specific command-line options in ``args``, key aliases of the
+        original scripts' configs).  Runs on every rank."""
 
     def prepare_data(self, cfg: Dict[str, Any], rank: int) -> None:
         """Run on rank 0 before the other ranks touch the data (one-time generation)."""
