@@ -60,7 +60,7 @@ setup(
     description="Fast, trustworthy UNITER: fused Triton attention, batched IPOT kernels, DeepSpeed training",
     packages=find_packages(include=["uniter_fast", "uniter_fast.*"]) + ["uniter_fast.kernels"],
     package_dir={"uniter_fast.kernels": "kernels"},
-    package_data={"uniter_fast": ["configs/*.json"]},
+    package_data={"uniter_fast": ["configs/*.json", "data/ans2label.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "lmdb", "lz4", "msgpack", "msgpack-numpy"],
     extras_require={

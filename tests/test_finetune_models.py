@@ -1,17 +1,24 @@
 """Fine-tuning models (VQA, VE, NLVR2 paired / triplet / paired-attn): state-dict layout
 vs the original's, strict loads, outputs and losses vs an independent transcription
 (tests/oracle_finetune.py), loss reductions, fp16 state dicts, input checks."""
+import oracle_finetune as orc
 import pytest
 import torch
-
-import oracle_finetune as orc
-import uniter_fast
 from batches import make_batch
+
+import uniter_fast
 from uniter_fast import UniterConfig, ops
-from uniter_fast.model import (AttentionPool, MultiheadAttention, UniterForNlvr2Paired,
-                               UniterForNlvr2PairedAttn, UniterForNlvr2Triplet,
-                               UniterForVisualEntailment, UniterForVisualQuestionAnswering,
-                               nlvr2_train_loss, vqa_train_loss)
+from uniter_fast.model import (
+    AttentionPool,
+    MultiheadAttention,
+    UniterForNlvr2Paired,
+    UniterForNlvr2PairedAttn,
+    UniterForNlvr2Triplet,
+    UniterForVisualEntailment,
+    UniterForVisualQuestionAnswering,
+    nlvr2_train_loss,
+    vqa_train_loss,
+)
 
 IMG_DIM, NUM_ANSWER = 40, 13
 CLASSES = {"vqa": UniterForVisualQuestionAnswering, "ve": UniterForVisualEntailment,

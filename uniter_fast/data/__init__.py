@@ -10,6 +10,12 @@ from .db import DbError, DetectFeatLmdb, TxtTokLmdb, compute_num_bb, write_img_d
 from .loader import ConcatDatasetWithLens, MetaLoader, TaskLoader, move_to_device
 from .sampler import TokenBucketSampler
 from .synthetic import SyntheticSpec, ensure_synthetic, generate_synthetic
+from .nlvr2 import (Nlvr2PairedDataset, Nlvr2PairedEvalDataset, Nlvr2TripletDataset,
+                    Nlvr2TripletEvalDataset, nlvr2_paired_collate, nlvr2_paired_eval_collate,
+                    nlvr2_triplet_collate, nlvr2_triplet_eval_collate)
+from .ve import VE_ENT2IDX, VE_IDX2ENT, VeDataset, VeEvalDataset, ve_collate, ve_eval_collate
+from .vqa import (ANS2LABEL_PATH, VqaDataset, VqaEvalDataset, load_ans2label, vqa_collate,
+                  vqa_eval_collate)
 
 __all__ = [
     "create_train_loader", "create_val_loaders", "resolve_path", "task_of", "text_meta",
@@ -19,4 +25,9 @@ __all__ = [
     "TxtTokLmdb", "compute_num_bb", "write_img_db", "write_txt_db", "ConcatDatasetWithLens",
     "MetaLoader", "TaskLoader", "move_to_device", "TokenBucketSampler", "SyntheticSpec",
     "ensure_synthetic", "generate_synthetic",
+    "VqaDataset", "VqaEvalDataset", "vqa_collate", "vqa_eval_collate", "load_ans2label",
+    "ANS2LABEL_PATH", "VeDataset", "VeEvalDataset", "ve_collate", "ve_eval_collate",
+    "VE_ENT2IDX", "VE_IDX2ENT", "Nlvr2PairedDataset", "Nlvr2PairedEvalDataset",
+    "Nlvr2TripletDataset", "Nlvr2TripletEvalDataset", "nlvr2_paired_collate",
+    "nlvr2_paired_eval_collate", "nlvr2_triplet_collate", "nlvr2_triplet_eval_collate",
 ]

@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import lmdb
 import msgpack
@@ -163,7 +163,8 @@ class TxtTokLmdb:
         return out
 
     @property
-    def txt2img(self) -> Dict[str, str]:
+    def txt2img(self) -> Dict[str, Union[str, List[str]]]:
+        """id -> image name, or list of image names (NLVR2)."""
         if self._txt2img is None:
             self._txt2img = _load_json(os.path.join(self.db_dir, "txt2img.json"), "text db")
         return self._txt2img
@@ -317,18 +318,35 @@ def _atomic_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _img_fnames(img_fname: Any, where: str) -> List[str]:
+    """The image(s) of a text record: one name, or a list of names (NLVR2 pairs)."""
+    if isinstance(img_fname, str):
+        return [img_fname]
+    if (isinstance(img_fname, (list, tuple)) and img_fname
+            and all(isinstance(f, str) for f in img_fname)):
+        return list(img_fname)
+    raise DbError(f"{where}: img_fname must be an image name or a non-empty list of names, "
+                  f"got {img_fname!r}")
+
+
 def write_txt_db(db_dir: str, examples: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> None:
     """Write a text db in UNITER's format.  ``examples``: id -> dict with at least
-    ``input_ids`` (list of int) and ``img_fname`` (str)."""
+    ``input_ids`` (list of int) and ``img_fname``: an image name (str) or, for a
+    record over several images (NLVR2's pair), a list of names; ``txt2img.json``
+    then maps the id to that list (as UNITER's ``prepro.py``) and ``img2txts.json``
+    lists the id under each of its images.  Other fields (``target``, ...) are
+    stored as they are."""
     os.makedirs(db_dir, exist_ok=True)
     env = lmdb.open(db_dir, map_size=_MAP_SIZE, subdir=True)
     id2len, txt2img, img2txts = {}, {}, {}
     with env.begin(write=True) as txn:
         for id_, ex in examples.items():
+            fnames = _img_fnames(ex.get("img_fname"), f"text db {db_dir}: record {id_!r}")
             txn.put(id_.encode("utf-8"), lz4_compress(msgpack.dumps(ex, use_bin_type=True)))
             id2len[id_] = len(ex["input_ids"])
-            txt2img[id_] = ex["img_fname"]
-            img2txts.setdefault(ex["img_fname"], []).append(id_)
+            txt2img[id_] = ex["img_fname"] if isinstance(ex["img_fname"], str) else fnames
+            for f in dict.fromkeys(fnames):
+                img2txts.setdefault(f, []).append(id_)
     env.close()
     _atomic_json(os.path.join(db_dir, "id2len.json"), id2len)
     _atomic_json(os.path.join(db_dir, "txt2img.json"), txt2img)
