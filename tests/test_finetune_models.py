@@ -1,6 +1,8 @@
 """Fine-tuning models (VQA, VE, NLVR2 paired / triplet / paired-attn): state-dict layout
 vs the original's, strict loads, outputs and losses vs an independent transcription
 (tests/oracle_finetune.py), loss reductions, fp16 state dicts, input checks."""
+import os
+
 import oracle_finetune as orc
 import pytest
 import torch
@@ -310,3 +312,64 @@ def test_constructor_arguments_checked():
     with pytest.raises(ValueError, match="img_dim"):
         UniterForNlvr2Paired(cfg, 0)
     assert UniterForVisualEntailment(cfg, IMG_DIM).vqa_output[3].out_features == 3
+
+
+# ----------------------------------------------------------------------------- the original itself
+ORIGINAL_SRC = os.environ.get("UNITER_ORIGINAL_SRC")   # a checkout of ChenRocks/UNITER
+
+
+@pytest.mark.skipif(not ORIGINAL_SRC, reason="set UNITER_ORIGINAL_SRC to a UNITER checkout")
+@pytest.mark.parametrize("name", MODELS)
+def test_against_the_original_code(name, monkeypatch):
+    """Same seed -> same initial weights; the original class loads our state dict with
+    strict=True after the same init_* calls, and computes the same outputs.  apex's
+    FusedLayerNorm is replaced by torch's LayerNorm (the same function)."""
+    import importlib
+    import sys
+    import types
+    apex = types.ModuleType("apex")
+    norm = types.ModuleType("apex.normalization")
+    fused = types.ModuleType("apex.normalization.fused_layer_norm")
+    fused.FusedLayerNorm = type("FusedLayerNorm", (torch.nn.LayerNorm,), {})
+    for mod in (apex, norm, fused):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    pkg = types.ModuleType("model")
+    pkg.__path__ = [os.path.join(ORIGINAL_SRC, "model")]
+    monkeypatch.setitem(sys.modules, "model", pkg)
+    for sub in ("layer", "model", "attention", "vqa", "ve", "nlvr2"):
+        # set then deleted: monkeypatch restores "absent" at teardown, so no original module
+        # stays importable as model.* after this test
+        monkeypatch.setitem(sys.modules, f"model.{sub}", None)
+        monkeypatch.delitem(sys.modules, f"model.{sub}")
+    omod = importlib.import_module("model.model")
+    orig_cls = {"vqa": ("vqa", "UniterForVisualQuestionAnswering"),
+                "ve": ("ve", "UniterForVisualEntailment"),
+                "paired": ("nlvr2", "UniterForNlvr2Paired"),
+                "triplet": ("nlvr2", "UniterForNlvr2Triplet"),
+                "paired-attn": ("nlvr2", "UniterForNlvr2PairedAttn")}[name]
+    orig_cls = getattr(importlib.import_module("model." + orig_cls[0]), orig_cls[1])
+    cfg = tiny_cfg()
+    args = (IMG_DIM, NUM_ANSWER) if name == "vqa" else (IMG_DIM,)
+    torch.manual_seed(3)
+    ours = CLASSES[name](cfg, *args)
+    torch.manual_seed(3)
+    orig = orig_cls(omod.UniterConfig.from_dict(cfg.to_dict()), *args)
+    if name in NLVR2:
+        ours.init_type_embedding()
+        orig.init_type_embedding()
+    so, sg = ours.state_dict(), orig.state_dict()
+    assert list(so) == list(sg)
+    assert all(torch.equal(so[k], sg[k]) for k in so)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    orig.load_state_dict(ours.state_dict(), strict=True)
+    batch = task_batch(name, cfg)
+    ours.eval()
+    orig.eval()
+    with torch.no_grad():
+        for compute_loss in (True, False):
+            with ops.use_backend("reference"):
+                a = ours(batch, compute_loss=compute_loss)
+            b = orig(dict(batch), compute_loss=compute_loss)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
