@@ -67,21 +67,39 @@ def _load_json(path: str, what: str) -> Any:
         raise DbError(f"{what}: corrupt JSON {path}: {e}") from None
 
 
-_OPEN_ENVS: Dict[Tuple[int, str], Any] = {}
+_OPEN_ENVS: Dict[Tuple[int, str], Tuple[Tuple[int, ...], Any, Any]] = {}
 
 
-def _reader(path: str):
-    """One read-only LMDB environment + transaction per (process, path): py-lmdb
-    refuses to open an environment twice in a process, and handles must not
-    cross a fork (DataLoader workers)."""
+def db_identity(path: str) -> Tuple[int, ...]:
+    """What changes when an LMDB at ``path`` is rebuilt or rewritten: device, inode,
+    mtime and size of its ``data.mdb`` (one ``stat``)."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        raise DbError(f"no LMDB database at {path} (data.mdb is gone)") from None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _reader(path: str, ident: Optional[Tuple[int, ...]] = None):
+    """One read-only LMDB environment + transaction per (process, path, db identity):
+    py-lmdb refuses to open an environment twice in a process, handles must not
+    cross a fork (DataLoader workers), and a db rebuilt at the same path (new
+    inode, or rewritten: new mtime) is reopened instead of served from the old
+    snapshot."""
     key = (os.getpid(), os.path.realpath(path))
-    txn = _OPEN_ENVS.get(key)
-    if txn is None:
+    ident = ident if ident is not None else db_identity(path)
+    entry = _OPEN_ENVS.get(key)
+    if entry is not None and entry[0] != ident:
+        _, old_env, old_txn = _OPEN_ENVS.pop(key)
+        old_txn.abort()
+        old_env.close()
+        entry = None
+    if entry is None:
         env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False,
                         max_readers=1024)
-        txn = env.begin(buffers=False)
-        _OPEN_ENVS[key] = txn
-    return txn
+        entry = (ident, env, env.begin(buffers=False))
+        _OPEN_ENVS[key] = entry
+    return entry[2]
 
 
 class _LazyEnv:
@@ -92,6 +110,9 @@ class _LazyEnv:
             raise DbError(f"{what}: no LMDB database at {path}")
         self.path = path
         self.what = what
+
+    def identity(self) -> Tuple[int, ...]:
+        return db_identity(self.path)
 
     def get(self, key: str) -> bytes:
         try:
@@ -177,7 +198,12 @@ class TxtTokLmdb:
 
 
 class DetectFeatLmdb:
-    """UNITER's detected-region feature db (``DetectFeatLmdb``), with validated reads."""
+    """UNITER's detected-region feature db (``DetectFeatLmdb``), with validated reads.
+
+    Decoded records are cached (LRU, ``cache_mb``); the cache is keyed on the db's
+    identity (:func:`db_identity`), so a db rebuilt at the same path while the
+    process runs is read afresh (box counts included).
+    """
 
     def __init__(self, img_dir: str, conf_th: float = 0.2, max_bb: int = 100, min_bb: int = 10,
                  num_bb: int = 36, compress: bool = True, img_dim: Optional[int] = None,
@@ -208,8 +234,24 @@ class DetectFeatLmdb:
             self.name2nbb = None  # type: ignore[assignment]
         self.db_path = os.path.join(self.img_dir, name)
         self._env = _LazyEnv(self.db_path, "image db")
+        self._nbb_path = nbb_path if self.name2nbb is not None else None
         if self.name2nbb is None and self._fixed_nbb is None:
             self.name2nbb = self._compute_nbb()
+        # the cache (and box counts) belong to this identity of the db
+        self._ident = self._env.identity()
+
+    def _check_identity(self) -> None:
+        """Drop cached records and re-read the box counts when the db was rebuilt."""
+        ident = self._env.identity()
+        if ident != self._ident:
+            self._cache.clear()
+            self._cache_bytes = 0
+            self._ident = ident
+            if self._nbb_path is not None:
+                self.name2nbb = {k: int(v)
+                                 for k, v in _load_json(self._nbb_path, "image db").items()}
+            elif self._fixed_nbb is None:
+                self.name2nbb = self._compute_nbb()
 
     def _keys(self) -> List[str]:
         raw = self._env.get("__keys__")
@@ -261,6 +303,7 @@ class DetectFeatLmdb:
         Keys: ``features`` [nbb, d], ``norm_bb`` [nbb, 6], and (if requested)
         ``soft_labels`` [nbb, label_dim].  Treat the arrays as read-only (cached).
         """
+        self._check_identity()
         key = (fname, with_soft_labels)
         hit = self._cache.get(key)
         if hit is not None:

@@ -406,6 +406,12 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
     if ids.size(1) > cfg.max_position_embeddings:
         raise ValueError(f"text length {ids.size(1)} exceeds max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
+    pids = batch["position_ids"]
+    if not torch.is_tensor(pids) or pids.dim() != 2 or pids.size(1) != ids.size(1) or \
+            pids.size(0) not in (1, b):
+        raise ValueError(f"position_ids must be [1 or B={b}, text length {ids.size(1)}], got "
+                         f"{tuple(pids.shape) if torch.is_tensor(pids) else type(pids).__name__}")
+    n_pos = uniter.embeddings.position_embeddings.num_embeddings
     n_types = uniter.embeddings.token_type_embeddings.num_embeddings
     typed = []
     for key, shape in (("img_type_ids", tuple(feat.shape[:2])), ("txt_type_ids", tuple(ids.shape))):
@@ -424,7 +430,10 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
     flags = torch.stack([out_of_range(gidx, tl + nbb), (~torch.isfinite(feat).all()).to(no.device),
                          (~torch.isfinite(pos).all()).to(no.device),
                          out_of_range(ids, cfg.vocab_size)]
-                        + [out_of_range(t, n_types) for _, t in typed]).tolist()
+                        + [out_of_range(t, n_types) for _, t in typed]
+                        + [out_of_range(pids, n_pos)]).tolist()
+    if flags[-1]:
+        raise ValueError(f"position_ids out of range [0, max_position_embeddings={n_pos})")
     if flags[0]:
         raise ValueError(f"gather_index out of range: values must be in [0, {tl + nbb}) "
                          f"(text length {tl} + regions {nbb})")

@@ -61,7 +61,7 @@ def itm_ot_loss(itm_loss: torch.Tensor,
 class UniterForPretraining(UniterPreTrainedModel):
     """UNITER pretraining: ``forward(batch, task, compute_loss=True)`` as in the original."""
 
-    validate_inputs = True  # one host sync per forward; set False on a trusted pipeline
+    validate_inputs = True  # two host syncs per forward; set False on a trusted pipeline
 
     def __init__(self, config, img_dim: int, img_label_dim: int):
         super().__init__(config)
@@ -85,8 +85,58 @@ class UniterForPretraining(UniterPreTrainedModel):
         if task.startswith("mrc"):
             need += ["img_masks", "img_mask_tgt", "label_targets"]
         check_encoder_batch(self.uniter, batch, need, what=f"batch for task {task!r}")
-        if task == "mrfr" and not torch.isfinite(batch["feat_targets"]).all():
-            raise ValueError("feat_targets contains NaN or inf")
+        self._check_task_tensors(batch, task, need)
+
+    def _check_task_tensors(self, batch: Dict[str, Any], task: str, need) -> None:
+        """Shapes of the task's tensors against the batch (no broadcasting), finite
+        targets, labels in range, complete ``ot_inputs`` -- one host sync."""
+        ids, attn, feat = batch["input_ids"], batch["attn_masks"], batch["img_feat"]
+        b, tl, nbb, jl = ids.size(0), ids.size(1), feat.size(1), attn.size(1)
+        shapes = {"txt_labels": (b, tl), "img_masks": (b, nbb), "img_mask_tgt": (b, jl),
+                  "targets": (b,)}
+        widths = {"feat_targets": self.uniter.img_dim,
+                  "label_targets": self.region_classifier.net[-1].out_features}
+        for k in need:
+            t = batch[k]
+            if not torch.is_tensor(t):
+                raise ValueError(f"batch for task {task!r}: {k} must be a tensor, got "
+                                 f"{type(t).__name__}")
+            if k in shapes and tuple(t.shape) != shapes[k]:
+                raise ValueError(f"batch for task {task!r}: {k} must have shape {shapes[k]} "
+                                 f"(batch {b}, text {tl}, regions {nbb}, joint {jl}), got "
+                                 f"{tuple(t.shape)}")
+            if k in widths and (t.dim() != 2 or t.size(1) != widths[k]):
+                raise ValueError(f"batch for task {task!r}: {k} must be [masked regions, "
+                                 f"{widths[k]}], got {tuple(t.shape)}")
+        ot = batch.get("ot_inputs") if task == "itm" else None
+        if ot is not None:
+            want = {"ot_scatter": (b, jl), "scatter_max": None, "txt_pad": (b, tl),
+                    "img_pad": (b, nbb)}
+            miss = [k for k in want if not isinstance(ot, dict) or ot.get(k) is None]
+            if miss:
+                raise ValueError(f"batch for task 'itm': ot_inputs is missing {miss} (expected "
+                                 f"a dict with {sorted(want)}, as the itm collate makes)")
+            for k, shape in want.items():
+                if shape is not None and tuple(ot[k].shape) != shape:
+                    raise ValueError(f"batch for task 'itm': ot_inputs[{k!r}] must have shape "
+                                     f"{shape}, got {tuple(ot[k].shape)}")
+        checks = []
+        for k in ("feat_targets", "label_targets"):
+            if k in need and batch[k].is_floating_point():
+                checks.append((f"{k} contains NaN or inf", ~torch.isfinite(batch[k]).all()))
+        if "txt_labels" in need and batch["txt_labels"].numel():
+            lab, v = batch["txt_labels"], self.uniter.embeddings.word_embeddings.num_embeddings
+            checks.append((f"txt_labels out of range: -1 (not masked) or [0, {v})",
+                           (lab < -1).any() | (lab >= v).any()))
+        if "targets" in need and batch["targets"].numel():
+            tg = batch["targets"]
+            checks.append(("targets must be 0 or 1 (itm)", ((tg < 0) | (tg > 1)).any()))
+        if not checks:
+            return
+        flags = torch.stack([f.to(ids.device) for _, f in checks]).tolist()
+        for (msg, _), bad in zip(checks, flags):
+            if bad:
+                raise ValueError(f"batch for task {task!r}: {msg}")
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: Dict[str, Any], task: str, compute_loss: bool = True):

@@ -22,6 +22,19 @@ DESCRIPTION = "UNITER pretraining under DeepSpeed."
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "pretrain-synthetic-tiny.json")
 IMG_DIM, IMG_LABEL_DIM = 2048, 1601   # UNITER's constants (real BUTD features)
 
+# every top-level key of UNITER's pretraining configs and pretrain.py options (read or
+# accepted for compatibility: fp16/optim/rank are replaced by ds.json and the launcher)
+# plus this package's own; anything else is reported as unknown
+PRETRAIN_KEYS = frozenset({
+    "model_config", "checkpoint", "output_dir", "mrm_prob", "itm_neg_prob", "itm_ot_lambda",
+    "max_txt_len", "conf_th", "max_bb", "min_bb", "num_bb", "compressed_db",
+    "train_batch_size", "val_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "valid_steps", "num_train_steps", "optim", "betas", "dropout", "weight_decay",
+    "grad_norm", "warmup_steps", "seed", "fp16", "n_workers", "pin_mem", "rank",
+    "train_datasets", "val_datasets",
+    "img_dim", "img_label_dim", "bucket_size", "save_steps", "log_steps",
+    "keep_checkpoints", "synthetic"})
+
 
 def load_model_config(cfg: Dict[str, Any]) -> UniterConfig:
     """The training config's ``model_config``: a JSON path or a packaged name."""
@@ -126,6 +139,7 @@ def validate_pretrain(engine, val_loaders, ctx: RunContext) -> Dict[str, float]:
 
 class PretrainTask(TrainTask):
     name = "pretrain"
+    known_keys = PRETRAIN_KEYS
 
     def prepare_data(self, cfg, rank):
         self._meta = text_meta(cfg)      # generates the synthetic dbs on first use
