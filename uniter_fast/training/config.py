@@ -3,12 +3,14 @@ command-line overrides of both, each declared once in :data:`OVERRIDES`."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["OVERRIDES", "DS_OVERRIDES", "build_arg_parser", "load_configs", "read_json",
-           "apply_deepspeed_overrides"]
+__all__ = ["OVERRIDES", "DS_OVERRIDES", "TRAINER_KEYS", "DEEPSPEED_KEYS", "build_arg_parser",
+           "load_configs", "read_json", "apply_deepspeed_overrides", "check_unknown_keys"]
 
 # (name, type, help): ``--name`` overrides the training config's ``name``
 OVERRIDES: Tuple[Tuple[str, type, str], ...] = (
@@ -36,6 +38,52 @@ DS_OVERRIDES: Tuple[Tuple[str, Any, str], ...] = (
     ("precision", ("bf16", "fp16", "fp32"), "training precision"),
     ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
 )
+
+
+# training-config keys the trainer itself (and apply_deepspeed_overrides) reads, for
+# every task; a task adds its own in TrainTask.known_keys
+TRAINER_KEYS = frozenset({
+    "output_dir", "num_train_steps", "seed", "save_steps", "valid_steps", "log_steps",
+    "keep_checkpoints", "warmup_steps", "learning_rate", "grad_norm", "betas",
+    "weight_decay", "gradient_accumulation_steps"})
+
+# top-level keys DeepSpeed 0.19 reads from its config (DeepSpeedConfig), plus the legacy
+# spelling "bfloat16"
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint",
+    "comet", "comms_logger", "communication_data_type", "compile", "compression_training",
+    "csv_monitor", "curriculum_learning", "data_efficiency", "data_types",
+    "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc",
+    "dump_state", "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp16",
+    "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "optimizer", "pipeline",
+    "prescale_gradients", "progressive_layer_drop", "quantize_training", "scheduler",
+    "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients",
+    "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization"})
+
+
+def check_unknown_keys(cfg: Dict[str, Any], known: Iterable[str], where: str,
+                       strict: bool = False) -> List[str]:
+    """Warn (``strict``: raise ``ValueError``) about top-level keys of ``cfg`` that are
+    not in ``known``, each with the nearest known key.  Returns the unknown keys."""
+    known = sorted(set(known))
+    unknown = sorted(k for k in cfg if k not in known)
+    if not unknown:
+        return []
+    parts = []
+    for k in unknown:
+        near = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
+        parts.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    msg = f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}"
+    if strict:
+        raise ValueError(msg + " (--strict_config)")
+    warnings.warn(msg + "; ignored (--strict_config makes this an error)", UserWarning,
+                  stacklevel=2)
+    return unknown
 
 
 def read_json(path: str, what: str) -> Dict[str, Any]:
@@ -67,6 +115,12 @@ def build_arg_parser(description: str = "", default_config: Optional[str] = None
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--resume", action="store_true",
                    help="continue from output_dir/ckpt/latest (same data order and step count)")
+    p.add_argument("--resume_tag", default=None,
+                   help="with --resume: continue from this checkpoint tag (e.g. global_step400) "
+                        "instead of the one 'latest' names")
+    p.add_argument("--strict_config", action="store_true",
+                   help="unknown keys in the training config or ds.json are an error, not a "
+                        "warning")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
     p.add_argument("--debug_rank_files", action="store_true",
                    help="every rank writes metrics_rank{r}.jsonl (with a fingerprint of its "
@@ -121,10 +175,21 @@ def apply_deepspeed_overrides(cfg: Dict[str, Any], ds: Dict[str, Any], args) -> 
 def load_configs(args, required: Sequence[str] = ("output_dir", "num_train_steps",
                                                   "train_batch_size", "train_datasets",
                                                   "model_config"),
-                 overrides: Iterable[Tuple[str, type, str]] = OVERRIDES
+                 overrides: Iterable[Tuple[str, type, str]] = OVERRIDES,
+                 known_keys: Optional[Iterable[str]] = None
                  ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(training config, DeepSpeed config) with the command line's overrides applied."""
+    """(training config, DeepSpeed config) with the command line's overrides applied.
+
+    With ``known_keys`` (the task's keys) unknown training-config keys are
+    reported (:func:`check_unknown_keys`; ``--strict_config``: an error), as are
+    unknown top-level keys of the DeepSpeed config.
+    """
+    overrides = tuple(overrides)
+    strict = bool(getattr(args, "strict_config", False))
     cfg = read_json(args.config, "training config")
+    if known_keys is not None:
+        check_unknown_keys(cfg, set(known_keys) | TRAINER_KEYS | {o[0] for o in overrides},
+                           f"training config {args.config}", strict)
     for name, _, _ in overrides:
         v = getattr(args, name, None)
         if v is not None:
@@ -138,4 +203,5 @@ def load_configs(args, required: Sequence[str] = ("output_dir", "num_train_steps
     if not os.path.exists(ds_path):
         raise ValueError(f"DeepSpeed config {ds_path} not found (pass --deepspeed_config)")
     ds = read_json(ds_path, "DeepSpeed config")
+    check_unknown_keys(ds, DEEPSPEED_KEYS, f"DeepSpeed config {ds_path}", strict)
     return cfg, apply_deepspeed_overrides(cfg, ds, args)

@@ -17,7 +17,7 @@ A task is a small object; the trainer calls, in order::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,11 @@ class TrainTask:
     #: training-config keys that must be present
     required_keys: Tuple[str, ...] = ("output_dir", "num_train_steps", "train_batch_size",
                                       "train_datasets", "model_config")
+    #: every training-config key the task reads (the trainer's own keys,
+    #: ``config.TRAINER_KEYS``, and the command-line overrides are added); other keys
+    #: are reported as unknown (a warning; ``--strict_config``: an error).  None: the
+    #: task does not declare its keys and nothing is checked.
+    known_keys: Optional[FrozenSet[str]] = None
 
     def configure(self, cfg: Dict[str, Any], ds_config: Dict[str, Any], args) -> None:
         """Adjust the loaded training and DeepSpeed configs in place, before anything
