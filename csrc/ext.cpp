@@ -28,8 +28,11 @@ std::string cpu_isa();
 void set_cpu_isa(const std::string& name);
 
 #ifdef UNITER_FAST_WITH_CUDA
-torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
-                        double beta, int64_t iteration, int64_t k) {
+// Plan (unless with_plan is false) and trace(C T) on CUDA in one launch.
+std::tuple<torch::Tensor, torch::Tensor> ipot_cuda_impl(torch::Tensor C, torch::Tensor txt_pad,
+                                                        torch::Tensor img_pad, double beta,
+                                                        int64_t iteration, int64_t k,
+                                                        bool with_distance, bool with_plan) {
   check_ipot_args(C, txt_pad, img_pad, beta, iteration, k);
   TORCH_CHECK_VALUE(C.is_cuda(), "ipot_cuda needs CUDA tensors; got ", C.device());
   TORCH_CHECK_VALUE(C.size(1) < (1 << 30) && C.size(2) < (1 << 30) && C.size(0) < (1LL << 31),
@@ -44,21 +47,36 @@ torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor im
   }
   const c10::cuda::CUDAGuard guard(C.device());
   const int64_t B = C.size(0), M = C.size(1), N = C.size(2);
-  auto out = torch::zeros({B, N, M}, C.options().dtype(torch::kFloat32));
-  if (B == 0 || M == 0 || N == 0) return out;
+  const auto f32 = C.options().dtype(torch::kFloat32);
+  auto out = with_plan ? torch::zeros({B, N, M}, f32) : torch::Tensor();
+  auto dist = with_distance ? torch::zeros({B}, f32) : torch::Tensor();
+  if (B == 0 || M == 0 || N == 0) return {out, dist};
   const int device = C.get_device();
   torch::Tensor ws;
   if (!ipot_cuda_fits_smem(M, N, device))
-    ws = torch::empty({B, 2 * M * N}, C.options().dtype(torch::kFloat32));
+    ws = torch::empty({B, 2 * M * N}, f32);
   const int err = ipot_cuda_launch(
       C.data_ptr(), dtype, B, M, N, C.stride(0), C.stride(1), C.stride(2),
       txt_pad.data_ptr<bool>(), txt_pad.stride(0), txt_pad.stride(1),
       img_pad.data_ptr<bool>(), img_pad.stride(0), img_pad.stride(1),
-      static_cast<float>(beta), iteration, k, out.data_ptr<float>(),
+      static_cast<float>(beta), iteration, k, with_plan ? out.data_ptr<float>() : nullptr,
+      with_distance ? dist.data_ptr<float>() : nullptr,
       ws.defined() ? ws.data_ptr<float>() : nullptr, device,
       static_cast<void*>(c10::cuda::getCurrentCUDAStream(device).stream()));
   TORCH_CHECK(err == 0, "ipot_cuda launch failed: ", ipot_cuda_error_string(err));
-  return out;
+  return {out, dist};
+}
+
+torch::Tensor ipot_cuda(torch::Tensor C, torch::Tensor txt_pad, torch::Tensor img_pad,
+                        double beta, int64_t iteration, int64_t k) {
+  return std::get<0>(ipot_cuda_impl(C, txt_pad, img_pad, beta, iteration, k, false, true));
+}
+
+std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cuda(torch::Tensor C, torch::Tensor txt_pad,
+                                                            torch::Tensor img_pad, double beta,
+                                                            int64_t iteration, int64_t k,
+                                                            bool with_plan) {
+  return ipot_cuda_impl(C, txt_pad, img_pad, beta, iteration, k, true, with_plan);
 }
 #endif
 
@@ -89,6 +107,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ipot_cuda", &uniter_fast::ipot_cuda, "Batched IPOT plan on CUDA (same contract)",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
         py::arg("iteration"), py::arg("k"));
+  m.def("ipot_distance_cuda", &uniter_fast::ipot_distance_cuda,
+        "Batched IPOT plan and WRA distance on CUDA in one launch (same contract as "
+        "ipot_distance_cpu)",
+        py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
+        py::arg("iteration"), py::arg("k"), py::arg("with_plan") = true);
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;

@@ -8,7 +8,9 @@
 //            then Q_i <- A_i * (delta * Q_i * sigma_i)   (or T written out, last time)
 //   columns: thread j: delta_j = 1/(n * sum_i Q_ij sigma_i)
 // A and Q live in shared memory when they fit (opt-in size), else in a global
-// workspace that stays L2-resident.
+// workspace that stays L2-resident.  In the last iteration each lane also
+// accumulates C_ij * T_ij (C re-read from global memory) for trace(C T): the
+// WRA distance comes from the same launch, and the plan need not be written.
 #include "ipot_cuda.h"
 
 #include <cuda_bf16.h>
@@ -53,9 +55,10 @@ ipot_kernel(const scalar_t* __restrict__ C, int M, int N, int64_t sCb, int64_t s
             const bool* __restrict__ txt_pad, int64_t stb, int64_t stm,
             const bool* __restrict__ img_pad, int64_t sib, int64_t sin,
             float beta, int iteration, int k, float* __restrict__ out,
-            float* __restrict__ workspace, bool use_smem) {
+            float* __restrict__ dist, float* __restrict__ workspace, bool use_smem) {
   extern __shared__ float smem[];
   __shared__ int s_m, s_n;
+  __shared__ float s_dist[kWarps];
   const int b = blockIdx.x;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -81,7 +84,7 @@ ipot_kernel(const scalar_t* __restrict__ C, int M, int N, int64_t sCb, int64_t s
   const float ml = static_cast<float>(m);
   const float nl = static_cast<float>(n);
   const scalar_t* Cb = C + b * sCb;
-  float* outb = out + static_cast<int64_t>(b) * N * M;
+  float* outb = out == nullptr ? nullptr : out + static_cast<int64_t>(b) * N * M;
 
   for (int idx = tid; idx < m * n; idx += kThreads) {
     const int i = idx / n, j = idx - (idx / n) * n;
@@ -115,6 +118,7 @@ ipot_kernel(const scalar_t* __restrict__ C, int M, int N, int64_t sCb, int64_t s
       column_phase();
     }
     const bool last = it + 1 == iteration;
+    float dacc = 0.0f;  // this lane's share of trace(C T), last iteration only
     for (int i = warp; i < m; i += kWarps) {
       float s = 0.0f;
       for (int j = lane; j < n; j += 32) s += delta[j] * Q[i * n + j];
@@ -122,15 +126,29 @@ ipot_kernel(const scalar_t* __restrict__ C, int M, int N, int64_t sCb, int64_t s
       if (lane == 0) sigma[i] = sig;
       if (last) {
         const int r = rows[i];
-        for (int j = lane; j < n; j += 32)
-          outb[static_cast<int64_t>(cols[j]) * M + r] = (delta[j] * Q[i * n + j]) * sig;
+        for (int j = lane; j < n; j += 32) {
+          const float t = (delta[j] * Q[i * n + j]) * sig;
+          if (out != nullptr) outb[static_cast<int64_t>(cols[j]) * M + r] = t;
+          if (dist != nullptr) dacc += to_f32(Cb[r * sCm + cols[j] * sCn]) * t;
+        }
       } else {
         for (int j = lane; j < n; j += 32)
           Q[i * n + j] = A[i * n + j] * ((delta[j] * Q[i * n + j]) * sig);
       }
     }
     __syncthreads();
-    if (!last) column_phase();
+    if (!last) {
+      column_phase();
+    } else if (dist != nullptr) {
+      dacc = warp_sum(dacc);
+      if (lane == 0) s_dist[warp] = dacc;
+      __syncthreads();
+      if (tid == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < kWarps; ++w) total += s_dist[w];
+        dist[b] = total;
+      }
+    }
   }
 }
 
@@ -150,7 +168,7 @@ template <typename scalar_t>
 int launch_typed(const void* C, int64_t B, int64_t M, int64_t N, int64_t sCb, int64_t sCm,
                  int64_t sCn, const bool* tp, int64_t stb, int64_t stm, const bool* ip,
                  int64_t sib, int64_t sin, float beta, int64_t iteration, int64_t k, float* out,
-                 float* workspace, int device, void* stream) {
+                 float* dist, float* workspace, int device, void* stream) {
   const bool use_smem = ipot_cuda_fits_smem(M, N, device);
   if (!use_smem && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   const size_t bytes = use_smem ? full_smem_bytes(M, N) : small_smem_bytes(M, N);
@@ -163,7 +181,7 @@ int launch_typed(const void* C, int64_t B, int64_t M, int64_t N, int64_t sCb, in
   kernel<<<static_cast<unsigned>(B), kThreads, bytes, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const scalar_t*>(C), static_cast<int>(M), static_cast<int>(N), sCb, sCm, sCn,
       tp, stb, stm, ip, sib, sin, beta, static_cast<int>(iteration), static_cast<int>(k), out,
-      workspace, use_smem);
+      dist, workspace, use_smem);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -176,25 +194,25 @@ bool ipot_cuda_fits_smem(int64_t M, int64_t N, int device) {
 int ipot_cuda_launch(const void* C, int dtype, int64_t B, int64_t M, int64_t N, int64_t sCb,
                      int64_t sCm, int64_t sCn, const bool* txt_pad, int64_t stb, int64_t stm,
                      const bool* img_pad, int64_t sib, int64_t sin, float beta,
-                     int64_t iteration, int64_t k, float* out, float* workspace, int device,
-                     void* stream) {
+                     int64_t iteration, int64_t k, float* out, float* dist, float* workspace,
+                     int device, void* stream) {
   if (B == 0 || M == 0 || N == 0) return 0;
   if (small_smem_bytes(M, N) > static_cast<size_t>(max_smem_optin(device)))
     return static_cast<int>(cudaErrorInvalidValue);  // M + N beyond ~28k: not a WRA problem
   switch (dtype) {
     case kIpotF32:
       return launch_typed<float>(C, B, M, N, sCb, sCm, sCn, txt_pad, stb, stm, img_pad, sib, sin,
-                                 beta, iteration, k, out, workspace, device, stream);
+                                 beta, iteration, k, out, dist, workspace, device, stream);
     case kIpotF16:
       return launch_typed<__half>(C, B, M, N, sCb, sCm, sCn, txt_pad, stb, stm, img_pad, sib,
-                                  sin, beta, iteration, k, out, workspace, device, stream);
+                                  sin, beta, iteration, k, out, dist, workspace, device, stream);
     case kIpotBF16:
       return launch_typed<__nv_bfloat16>(C, B, M, N, sCb, sCm, sCn, txt_pad, stb, stm, img_pad,
-                                         sib, sin, beta, iteration, k, out, workspace, device,
-                                         stream);
+                                         sib, sin, beta, iteration, k, out, dist, workspace,
+                                         device, stream);
     case kIpotF64:
       return launch_typed<double>(C, B, M, N, sCb, sCm, sCn, txt_pad, stb, stm, img_pad, sib, sin,
-                                  beta, iteration, k, out, workspace, device, stream);
+                                  beta, iteration, k, out, dist, workspace, device, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

@@ -32,24 +32,22 @@ Math (identical to :func:`uniter_fast.reference.attention`)::
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from uniter_fast.constants import ATTENTION_MASK_VALUE, TRITON_ATTENTION_MAX_HEAD_DIM
+
+from ._common import check_launchable, interp_bound, interpreting, pow2, round_bf16_rtne
+
 __all__ = ["attention", "dropout_keep_mask", "SUPPORTED_DTYPES", "MAX_HEAD_DIM",
            "head_dim_supported"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 128
-_MASK_VALUE = -10000.0
+MAX_HEAD_DIM = TRITON_ATTENTION_MAX_HEAD_DIM
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -71,20 +69,11 @@ def _keep(seed, philox_offset, pid_bh, seq, rows, cols, dropout_p):
 
 
 @triton.jit
-def _round_bf16_rtne(x):
-    """fp32 → nearest bf16 value (ties to even), kept in fp32.  Used only in
-    the interpreter, whose fp32→bf16 cast truncates (the GPU cast rounds)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _lowp(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Round to the input dtype for a matmul operand.  UPCAST (interpreter +
     bf16): round to bf16 but keep fp32, as the interpreter's bf16 dot is wrong."""
     if UPCAST:
-        y = _round_bf16_rtne(x)
+        y = round_bf16_rtne(x)
     else:
         y = x.to(DTYPE)
     return y
@@ -94,7 +83,7 @@ def _lowp(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 def _to_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Final cast of an fp32 result to the output dtype (round to nearest)."""
     if UPCAST:
-        x = _round_bf16_rtne(x)
+        x = round_bf16_rtne(x)
     return x.to(DTYPE)
 
 
@@ -377,7 +366,7 @@ _INTERPRET_BLOCKS = (64, 64)  # one fixed config when interpreting
 
 
 def _seq_bucket(seq: int) -> int:
-    return max(16, triton.next_power_of_2(seq))
+    return pow2(seq)
 
 
 def _prune_by_bucket(program_block: str):
@@ -408,7 +397,7 @@ _dq_tuned = triton.autotune(_configs(_BWD_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_K
 def _launch(kernel_raw, kernel_tuned, grid_block: str, grid_bh: int, seq: int,
             blocks: Optional[Tuple[int, int]], args, kwargs):
     """Run a kernel with fixed blocks (interpreter / forced) or the autotuned one."""
-    if blocks is None and _interpreting():
+    if blocks is None and interpreting():
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
         bm, bn = blocks
@@ -424,13 +413,13 @@ def _launch(kernel_raw, kernel_tuned, grid_block: str, grid_bh: int, seq: int,
 
 
 def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
-    upcast = dtype == torch.bfloat16 and _interpreting()
+    upcast = dtype == torch.bfloat16 and interpreting()
     prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
     return upcast, prec
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return pow2(head_dim)
 
 
 def _forward(q, k, v, bias, scale, dropout_p, seed, philox_offset, blocks=None):
@@ -441,7 +430,7 @@ def _forward(q, k, v, bias, scale, dropout_p, seed, philox_offset, blocks=None):
     args = (q, k, v, bias, o, lse, scale * _LOG2E, seed, philox_offset, dropout_p, S, H, D,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), bias.stride(0), _seq_bucket(S))
     kwargs = dict(BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, UPCAST=upcast, PREC=prec,
-                  SEQ_INTERP=S if _interpreting() else 0)
+                  SEQ_INTERP=interp_bound(S))
     _launch(_attn_fwd_kernel, _fwd_tuned, "BLOCK_M", B * H, S, blocks, args, kwargs)
     return o, lse
 
@@ -455,7 +444,7 @@ def _backward(do, q, k, v, o, lse, bias, scale, dropout_p, seed, philox_offset, 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     upcast, prec = _dot_flags(q.dtype)
     kwargs = dict(BLOCK_D=BLOCK_D, DROPOUT=dropout_p > 0.0, UPCAST=upcast, PREC=prec,
-                  SEQ_INTERP=S if _interpreting() else 0)
+                  SEQ_INTERP=interp_bound(S))
     common = (scale, scale * _LOG2E, seed, philox_offset, dropout_p, S, H, D,
               *q.stride(), *k.stride(), *v.stride(), *do.stride())
     _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, "BLOCK_N", B * H, S,
@@ -489,24 +478,23 @@ class _TritonAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------- public
 
 
-def _check(q, k, v, attn_mask):
+def _check(q, k, v, attn_mask, dropout_p):
+    """What the launchers rely on.  The full input contract (devices, mask
+    dtype, scale) is checked once by :func:`uniter_fast.ops.attention`."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError("q, k, v must be [batch, heads, seq, head_dim] of one shape; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"triton attention needs q, k, v of one dtype in fp16/bf16/fp32; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == attn_mask.device):
-        raise ValueError(f"q, k, v, attn_mask on different devices: {q.device}, {k.device}, "
-                         f"{v.device}, {attn_mask.device}")
-    if attn_mask.dim() != 2 or tuple(attn_mask.shape) != (q.size(0), q.size(2)):
+    if tuple(attn_mask.shape) != (q.size(0), q.size(2)):
         raise ValueError(f"attn_mask must be [batch, seq] = [{q.size(0)}, {q.size(2)}]; got "
                          f"{tuple(attn_mask.shape)}")
     if not head_dim_supported(q.size(-1)):
         raise ValueError(f"triton attention supports head_dim 1..{MAX_HEAD_DIM}; got {q.size(-1)}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"triton attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
-                         f"got {q.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_launchable("triton attention", q.device)
 
 
 def _new_seed() -> int:
@@ -518,28 +506,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               dropout_p: float = 0.0, scale: Optional[float] = None, *,
               seed: Optional[int] = None, philox_offset: int = 0,
               _blocks: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """Fused masked self-attention; same contract as the reference.
+    """Fused masked self-attention; same math as the reference (inputs as
+    :func:`uniter_fast.ops.attention` passes them: checked there).
 
     ``seed`` / ``philox_offset`` fix the dropout mask (default: a fresh seed
     from torch's generator); :func:`dropout_keep_mask` with the same values
     returns the mask used.  ``_blocks=(BLOCK_M, BLOCK_N)`` bypasses autotuning
     (for tests).
     """
-    _check(q, k, v, attn_mask)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    _check(q, k, v, attn_mask, dropout_p)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     if dropout_p > 0.0 and seed is None:
         seed = _new_seed()
     seed = int(seed or 0)
     if not 0 <= seed < 2 ** 31 or not 0 <= philox_offset < 2 ** 62:
         raise ValueError(f"seed / philox_offset out of range: {seed}, {philox_offset}")
     # additive key bias, fp32 [batch, seq]: (1 − mask) · −10000, same as the reference
-    bias = ((1.0 - attn_mask.to(torch.float32)) * _MASK_VALUE).contiguous()
+    bias = ((1.0 - attn_mask.to(torch.float32)) * ATTENTION_MASK_VALUE).contiguous()
     if q.numel() == 0:
         return _EmptyAttention.apply(q, k, v)
     return _TritonAttention.apply(q, k, v, bias, scale, float(dropout_p), seed,
@@ -566,5 +549,5 @@ def dropout_keep_mask(batch: int, heads: int, seq: int, dropout_p: float, seed: 
     if out.numel():
         _keep_mask_kernel[(batch * heads, triton.cdiv(seq, 64))](
             out, int(seed), int(philox_offset), float(dropout_p), seq, BLOCK_M=64, BLOCK_N=64,
-            SEQ_INTERP=seq if _interpreting() else 0)
+            SEQ_INTERP=interp_bound(seq))
     return out.bool()

@@ -1,0 +1,30 @@
+"""Numbers that UNITER fixes, each named once.
+
+Everything that needs one of these imports it from here (model, ops,
+reference twins, kernels), so a value cannot drift between two copies.
+"""
+
+#: additive attention score of a padded key: ``(1 - attn_mask) * ATTENTION_MASK_VALUE``
+#: (UNITER/BERT; a finite value, so a query whose keys are all padding averages them all)
+ATTENTION_MASK_VALUE = -10000.0
+
+#: epsilon of every LayerNorm in UNITER (BERT's ``BertLayerNorm``)
+LAYER_NORM_EPS = 1e-12
+
+#: width of a region's box feature ``img_pos_feat``: [x1, y1, x2, y2, w, h, w·h]
+BOX_FEATURE_DIM = 7
+
+#: WRA / IPOT defaults of UNITER's ``optimal_transport_dist``
+IPOT_BETA = 0.5
+IPOT_ITERATIONS = 50
+IPOT_INNER_ITERATIONS = 1
+
+#: the reference IPOT adds this to the denominators of padded rows/columns
+#: (UNITER's ``x_mask``/``y_mask``) so that their sigma/delta are ~0
+IPOT_PAD_PENALTY = 1e4
+
+#: ``F.normalize`` epsilon of UNITER's ``cost_matrix_cosine``
+COSINE_EPS = 1e-5
+
+#: widest attention head the fused Triton kernel takes (padded to a power of two ≥ 16 inside)
+TRITON_ATTENTION_MAX_HEAD_DIM = 128
