@@ -12,17 +12,14 @@ keys are all padding makes the low-precision reference itself inexact (its
 scores sit at −10000, where fp16/bf16 have a spacing of 8/64); an absolute
 bound covers those examples.
 """
-import importlib
 import os
 
 import pytest
 import torch
+from conftest import HAS_CUDA, requires_cuda
 
 import uniter_fast
 from uniter_fast import ops, reference
-from uniter_fast.ops import _registry
-
-from conftest import HAS_CUDA, requires_cuda
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not (HAS_CUDA or INTERPRET):
@@ -30,8 +27,6 @@ if not (HAS_CUDA or INTERPRET):
 triton = pytest.importorskip("triton")
 
 from uniter_fast.kernels import attention_triton as AT  # noqa: E402
-
-ops_attention = importlib.import_module("uniter_fast.ops.attention")  # the module, not the function
 
 CPU = torch.device("cpu")
 DEV = torch.device("cuda") if HAS_CUDA else CPU
@@ -256,24 +251,6 @@ def test_autotune_keyed_on_length_bucket():
         assert kept and all(c.kwargs["BLOCK_M"] <= max(32, bucket) for c in kept)
 
 
-def test_registry_priority_and_cpu_policy():
-    names = _registry.registered_backends("attention")
-    assert names.index("triton") < names.index("sdpa")
-    # on CUDA "auto" picks triton for the kernel's dtypes (decided without a GPU)
-    cuda = torch.device("cuda")
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
-        assert _registry.resolve("attention", None, cuda, dt) is ops_attention._triton
-    assert _registry.resolve("attention", None, cuda, torch.float64) is not ops_attention._triton
-    # on CPU the interpreter is opt-in by name only
-    assert _registry.resolve("attention", None, CPU, torch.float32) is not ops_attention._triton
-    if INTERPRET:
-        assert _registry.resolve("attention", "triton", CPU, torch.float32) is ops_attention._triton
-        with ops.use_backend("triton"):
-            assert _registry.resolve("attention", None, CPU, torch.float32) is ops_attention._triton
-    with pytest.raises(ops.BackendUnavailableError):
-        _registry.resolve("attention", "triton", DEV, torch.float64)
-
-
 def test_ops_attention_triton_matches_reference():
     q, k, v, _ = make_inputs(2, 2, 21, 16, torch.float32, DEV, seed=11)
     m = make_mask(2, 21, torch.Generator().manual_seed(0), ["prefix", "random"]).to(DEV)
@@ -284,20 +261,25 @@ def test_ops_attention_triton_matches_reference():
 def test_bad_inputs_raise_value_error():
     q = torch.randn(1, 2, 5, 16, device=DEV)
     m = torch.ones(1, 5, device=DEV)
+    # the op's contract, checked once for every backend
     with pytest.raises(ValueError, match="attn_mask"):
-        AT.attention(q, q, q, torch.ones(1, 4, device=DEV))
+        ops.attention(q, q, q, torch.ones(1, 4, device=DEV), backend="triton")
     with pytest.raises(ValueError, match="dtype"):
-        AT.attention(q, q, q.double(), m)
+        ops.attention(q, q, q.double(), m, backend="triton")
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.attention(q, q, q, m, dropout_p=1.0, backend="triton")
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention(q, q, q, m, scale=float("nan"), backend="triton")
+    # a head too wide for the kernel: the backend declines the call, with the reason
+    with pytest.raises(ops.BackendUnavailableError, match="head_dim must be 1..128, got 160"):
+        ops.attention(*(torch.randn(1, 1, 5, 160, device=DEV),) * 3, m, backend="triton")
+    # what the launcher itself relies on
     with pytest.raises(ValueError, match="dtype"):
         AT.attention(q.double(), q.double(), q.double(), m)
-    with pytest.raises(ValueError, match="dropout_p"):
-        AT.attention(q, q, q, m, dropout_p=1.0)
     with pytest.raises(ValueError, match="head_dim"):
         AT.attention(*(torch.randn(1, 1, 5, 129, device=DEV),) * 3, m)
-    with pytest.raises(ValueError, match="scale"):
-        AT.attention(q, q, q, m, scale=float("nan"))
-    with pytest.raises(ValueError, match="head_dim"):
-        ops.attention(*(torch.randn(1, 1, 5, 160, device=DEV),) * 3, m, backend="triton")
+    with pytest.raises(ValueError, match="attn_mask"):
+        AT.attention(q, q, q, torch.ones(1, 4, device=DEV))
 
 
 # --------------------------------------------------------------------------- model level
@@ -307,6 +289,7 @@ def test_model_forward_backward_triton_equals_reference():
     """UniterForPretraining (tiny config, dropout off) under use_backend("triton")
     equals the reference backend: losses and every parameter gradient."""
     from batches import make_batch
+
     from uniter_fast import UniterConfig, UniterForPretraining
 
     img_dim, label_dim = 48, 9
@@ -375,8 +358,9 @@ def test_cuda_dropout_and_auto_backend(dtype):
     ref64 = run(reference.attention, q, k, v, m, do, torch.float64, dropout_p=p, dropout_mask=keep)
     check_rule(got, low, ref64, dtype, f"cuda dropout {dtype}")
     # "auto" picks the kernel on CUDA; a head too wide for it falls back to sdpa
-    assert _registry.resolve("attention", None, DEV, dtype) is ops_attention._triton
+    assert ops.selected_backend("attention", None, DEV, dtype, q=q) == "triton"
     wide = [torch.randn(1, 2, 9, 256, device=DEV, dtype=dtype) for _ in range(3)]
+    assert ops.selected_backend("attention", None, DEV, dtype, q=wide[0]) == "sdpa"
     torch.testing.assert_close(ops.attention(*wide, torch.ones(1, 9, device=DEV)),
                                reference.attention(*wide, torch.ones(1, 9, device=DEV)),
                                rtol=2e-2, atol=2e-2)

@@ -11,12 +11,11 @@ import subprocess
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import uniter_fast.ops as ops
 from uniter_fast import _ext
 from uniter_fast.reference import ot as ref
-
-from conftest import requires_cuda
 
 PLAN_ATOL = 1e-6
 DIST_RTOL = 1e-5
@@ -147,16 +146,6 @@ def test_independent_k1_matches_reference():
     C, tp, ip, beta, iteration = random_case(7, max_b=5, max_m=12, max_n=20)
     T = ipot_k_independent(C, tp, ip, beta, iteration, 1)
     assert (T - ref.ipot(C, tp, ip, beta, iteration, 1)).abs().max().item() <= PLAN_ATOL
-
-
-@requires_cpp
-def test_auto_on_cpu_is_cpp_not_interpreter():
-    from uniter_fast.ops import _registry
-    picked = _registry.resolve("ipot", "auto", torch.device("cpu"), torch.float32)
-    assert picked is _registry.resolve("ipot", "cpp", torch.device("cpu"), torch.float32)
-    C, tp, ip, beta, iteration = random_case(3, max_b=4, max_m=10, max_n=10)
-    assert torch.equal(ops.ipot(C, tp, ip, beta, iteration),
-                       ops.ipot(C, tp, ip, beta, iteration, backend="cpp"))
 
 
 def _emb_case(seed, B=6, M=13, N=21, D=16):
@@ -370,24 +359,38 @@ def test_triton_distance_and_gradient():
 
 
 @triton_ok
-def test_triton_bad_input_raises_value_error():
+def test_triton_launcher_asserts_only_what_it_relies_on():
+    # the op checks the contract (see test_ops_ipot_contract); the launcher only
+    # needs bool pads and a device it can launch on
     from uniter_fast.kernels import ipot_triton
     dev = _triton_device()
     C = torch.rand(2, 3, 4, device=dev)
     tp = torch.zeros(2, 3, dtype=torch.bool, device=dev)
     ip = torch.zeros(2, 4, dtype=torch.bool, device=dev)
-    with pytest.raises(ValueError, match="cost C"):
-        ipot_triton.ipot(C[0], tp, ip)
-    with pytest.raises(ValueError, match="cost C"):
-        ipot_triton.ipot(C.double(), tp, ip)
-    with pytest.raises(ValueError, match="txt_pad"):
+    with pytest.raises(ValueError, match="bool"):
         ipot_triton.ipot(C, tp.int(), ip)
-    with pytest.raises(ValueError, match="img_pad"):
-        ipot_triton.ipot(C, tp, ip[:, :3])
-    with pytest.raises(ValueError, match="beta"):
-        ipot_triton.ipot(C, tp, ip, beta=-1.0)
-    with pytest.raises(ValueError, match="iteration"):
-        ipot_triton.ipot(C, tp, ip, iteration=0)
+    T, d = ipot_triton.ipot_distance(C, tp, ip, 0.5, 5, 1, with_plan=False)
+    assert T is None and d.shape == (2,)
+
+
+@triton_ok
+@pytest.mark.parametrize("shape", [(5, 13, 21), (3, 150, 140)])   # register / streaming variant
+def test_triton_fused_distance_matches_reference(shape):
+    dev = _triton_device()
+    g = torch.Generator().manual_seed(sum(shape))
+    B, M, N = shape
+    C = torch.rand(*shape, generator=g) * 2
+    tp = torch.arange(M)[None] >= torch.tensor([M, 1, 0, 7, M][:B])[:, None]
+    ip = torch.arange(N)[None] >= torch.tensor([N, 4, 7, 0, 2][:B])[:, None]
+    from uniter_fast.kernels import ipot_triton
+    T, d = ipot_triton.ipot_distance(C.to(dev), tp.to(dev), ip.to(dev), 0.5, 5, 1)
+    T0, d0 = ipot_triton.ipot_distance(C.to(dev), tp.to(dev), ip.to(dev), 0.5, 5, 1,
+                                       with_plan=False)
+    assert T0 is None and torch.equal(d.cpu(), d0.cpu())
+    assert_matches_reference(C, tp, ip, 0.5, 5, T.cpu())
+    d_r = ref.ipot_distance(C, tp, ip, 0.5, 5)   # C unmasked: padding must not count
+    assert torch.all((d.cpu() - d_r).abs() <= DIST_RTOL * d_r.abs() + 1e-7), (d, d_r)
+    assert d[2] == 0 and (B < 4 or d[3] == 0)
 
 
 # ------------------------------------------------------------------------ CUDA

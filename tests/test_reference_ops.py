@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import ipot_np
 
 import uniter_fast
 from uniter_fast import ops, reference
-
-from oracle import ipot_np
 
 
 def _mask(b, s, gen, all_but_one=True):
@@ -156,32 +155,3 @@ def test_layer_norm_and_gelu(dtype):
     expect_gelu = xg * 0.5 * (1 + torch.special.erf(xg / math.sqrt(2)))
     for name in ops.available_backends("gelu", "cpu", dtype):
         torch.testing.assert_close(ops.gelu(x, backend=name).double(), expect_gelu, rtol=tol, atol=tol)
-
-
-def test_dispatch_seam():
-    assert ops.available_backends("attention", "cpu")[0] == "sdpa"
-    assert "reference" in ops.available_backends("ipot", "cpu")
-    orig = reference.attention
-
-    q = torch.randn(1, 1, 3, 4)
-    m = torch.ones(1, 3)
-    with ops.use_backend("reference"):
-        assert ops.current_backend("attention") == "reference"
-        assert ops.current_backend("ipot") == "reference"
-        out_ref = ops.attention(q, q, q, m)
-    assert ops.current_backend("attention") == "auto"
-    torch.testing.assert_close(out_ref, orig(q, q, q, m))
-    with ops.use_backend({"attention": "sdpa"}):
-        assert ops.current_backend("attention") == "sdpa"
-        assert ops.current_backend("ipot") == "auto"
-    with pytest.raises(ValueError, match="unknown backend"):
-        with ops.use_backend("nope"):
-            pass
-    with pytest.raises(ValueError, match="no backend 'nope'"):
-        ops.attention(q, q, q, m, backend="nope")
-    if not torch.cuda.is_available() and "cuda" in ops.registered_backends("ipot"):
-        with pytest.raises(ops.BackendUnavailableError, match="unavailable"):
-            ops.ipot(torch.rand(1, 2, 3), torch.zeros(1, 2, dtype=torch.bool),
-                     torch.zeros(1, 3, dtype=torch.bool), backend="cuda")
-    with pytest.raises(ValueError, match="attn_mask must be"):
-        ops.attention(q, q, q, torch.ones(1, 4))

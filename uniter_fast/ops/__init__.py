@@ -2,14 +2,26 @@
 
 The model calls only these functions.  ``use_backend(name)`` switches every
 op at once (``"reference"`` runs the whole model on the plain-PyTorch twins);
-``available_backends(op)`` lists what this machine can run, fastest first.
+``available_backends(op)`` lists what this machine can run, fastest first;
+``unavailable_reason(op, backend, ...)`` says why one cannot run (given the
+call's tensors, also for that shape); ``selected_backend(op, ...)`` names
+what a call runs on.
 """
-from ._registry import (BackendUnavailableError, available_backends, current_backend,
-                        registered_backends, use_backend)
+from ._registry import (
+                        BackendUnavailableError,
+                        available_backends,
+                        current_backend,
+                        registered_backends,
+                        selected_backend,
+                        unavailable_reason,
+                        use_backend,
+)
 from .attention import attention
+from .cost import cost_matrix_cosine
 from .ipot import ipot, ipot_distance, optimal_transport_dist
 from .layer_norm import gelu, layer_norm
 
-__all__ = ["attention", "ipot", "ipot_distance", "optimal_transport_dist", "layer_norm", "gelu",
-           "use_backend", "available_backends", "registered_backends", "current_backend",
+__all__ = ["attention", "ipot", "ipot_distance", "optimal_transport_dist", "cost_matrix_cosine",
+           "layer_norm", "gelu", "use_backend", "available_backends", "registered_backends",
+           "current_backend", "unavailable_reason", "selected_backend",
            "BackendUnavailableError"]

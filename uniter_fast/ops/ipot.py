@@ -1,118 +1,88 @@
 """Public IPOT / WRA ops.
 
-``ipot(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1, *, backend="auto")``
-returns the transport plan [B, N, M] (float32); ``ipot_distance(C, ...)``
-returns trace(C·T) per example from a cost, and ``optimal_transport_dist``
-UNITER's WRA distance from the embeddings, both with gradient through the
-cost only.  Backends that compute the distance in the same pass as the plan
-(``cpp``) do so; the others get it from their plan as the reference does.
+* ``ipot(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1, *, backend="auto")``:
+  the transport plan [B, N, M] (float32, no gradient).
+* ``ipot_distance(C, ...)``: trace(C·T) per example, [B] float32, gradient
+  through the cost only (d distance / d C = Tᵀ).  Its own op: the ``cpp``,
+  ``triton`` and ``cuda`` backends compute the distance in the kernel's last
+  pass (and skip writing the plan when no gradient is needed), ``reference``
+  takes it from the reference plan.
+* ``optimal_transport_dist(txt_emb, img_emb, txt_pad, img_pad, ...)``:
+  UNITER's WRA distance from the embeddings: the cosine cost
+  (:func:`uniter_fast.ops.cost_matrix_cosine`), then ``ipot_distance``.
 
-Backends (``backend=``): ``"cuda"`` (csrc/ipot_cuda.cu, one block per
-example), ``"triton"`` (kernels/ipot_triton.py, one program per example; on
-CPU only under TRITON_INTERPRET=1 and never picked by "auto" there),
-``"cpp"`` (csrc/ipot_cpu.cpp, OpenMP over examples: the CPU fast path),
-``"reference"`` (plain PyTorch).  ``"auto"`` takes the first available in
-that order for the tensors' device.
+Input contract (checked here once): C [B, M, N] floating on one device with
+the pads; txt_pad [B, M] / img_pad [B, N] bool or integer masks, 1 = padded,
+any pattern; beta finite > 0; iteration, k >= 1.  Backends receive the
+detached cost (``ipot``) or the cost (``ipot_distance``), the pads as bool
+tensors and ``beta`` / ``iteration`` / ``k`` as float / int / int.
+
+Backends: ``cuda`` (csrc/ipot_cuda.cu, one block per example), ``triton``
+(kernels/ipot_triton.py, one program per example; on CPU only under
+TRITON_INTERPRET=1 and never picked by "auto" there), ``cpp``
+(csrc/ipot_cpu.cpp, OpenMP over examples: the CPU fast path),
+``reference`` (plain PyTorch).  "auto" takes the first available in that order.
 """
+import math
 from typing import Optional
 
 import torch
 
-from . import _registry
+from ..constants import IPOT_BETA, IPOT_INNER_ITERATIONS, IPOT_ITERATIONS
 from ..reference import ot as _ref
+from . import _registry
 
 OP = "ipot"
+DIST_OP = "ipot_distance"
+PAD_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _reference():
+# ----------------------------------------------------------------- input contract
+
+def as_pad(pad, name: str, shape, device) -> torch.Tensor:
+    """A padding mask (1 = padded) of ``shape`` on ``device`` as a bool tensor."""
+    if not isinstance(pad, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(pad).__name__}")
+    if pad.dtype not in PAD_DTYPES:
+        raise ValueError(f"{name} must be a bool/integer padding mask (1 = padded), got {pad.dtype}")
+    if tuple(pad.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(pad.shape)} != {list(shape)}")
+    if pad.device != device:
+        raise ValueError(f"{name} is on {pad.device}, the cost/embeddings on {device}")
+    return pad if pad.dtype == torch.bool else pad.bool()
+
+
+def check_params(beta, iteration, k):
+    """(beta, iteration, k) as (float, int, int); ValueError naming a bad one."""
+    beta = float(beta)
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    if int(iteration) < 1 or int(k) < 1:
+        raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")
+    return beta, int(iteration), int(k)
+
+
+def check_inputs(C, txt_pad, img_pad, beta, iteration, k):
+    """The contract of ``ipot`` / ``ipot_distance``; returns the normalised
+    (txt_pad, img_pad, beta, iteration, k)."""
+    if not isinstance(C, torch.Tensor) or C.dim() != 3:
+        raise ValueError("cost C must be a [B, M, N] tensor; got "
+                         f"{tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__}")
+    if not C.dtype.is_floating_point:
+        raise ValueError(f"cost C must be floating, got {C.dtype}")
+    tp = as_pad(txt_pad, "txt_pad", C.shape[:2], C.device)
+    ip = as_pad(img_pad, "img_pad", (C.size(0), C.size(2)), C.device)
+    return (tp, ip) + check_params(beta, iteration, k)
+
+
+# ----------------------------------------------------------------- backends
+
+def _reference_plan():
     return _ref.ipot
 
 
-# --- cpp (csrc/ipot_cpu.cpp, OpenMP over examples: the CPU fast path) and
-# --- cuda (csrc/ipot_cuda.cu, one thread block per example): the C++ extension
-EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _ext_backend(device_type: str):
-    """(availability, loader) of the extension's ``ipot_{cpu,cuda}`` for one device type."""
-    kind = "cpu" if device_type == "cpu" else "cuda"
-
-    def available(device, dtype):
-        if device.type != device_type:
-            return f"runs on {device_type.upper()} tensors, not {device.type}"
-        if dtype not in EXT_DTYPES:
-            return f"needs a float cost, got {dtype}"
-        from .. import _ext
-        return getattr(_ext, f"{kind}_unavailable_reason")()
-
-    def load():
-        from .. import _ext
-        fn = getattr(getattr(_ext, f"{kind}_module")(), f"ipot_{kind}")
-
-        def ipot_ext(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
-            return fn(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
-                      _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration), int(k))
-
-        fused = getattr(getattr(_ext, f"{kind}_module")(), f"ipot_distance_{kind}", None)
-        if fused is not None:
-            def plan_and_distance(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1,
-                                  with_plan=True):
-                return fused(C.detach(), _ref._as_pad(txt_pad, "txt_pad"),
-                             _ref._as_pad(img_pad, "img_pad"), float(beta), int(iteration),
-                             int(k), bool(with_plan))
-            ipot_ext.with_distance = plan_and_distance
-        return ipot_ext
-    return available, load
-
-
-_cpp_available, _cpp = _ext_backend("cpu")
-_cuda_available, _cuda = _ext_backend("cuda")
-
-
-# --- triton: one program per example (kernels/ipot_triton.py)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_available(device, dtype):
-    return _registry.triton_available(device, dtype, TRITON_DTYPES)
-
-
-def _triton():
-    from uniter_fast.kernels import ipot_triton
-
-    def ipot_tri(C, txt_pad, img_pad, beta=0.5, iteration=50, k=1):
-        return ipot_triton.ipot(C, _ref._as_pad(txt_pad, "txt_pad"),
-                                _ref._as_pad(img_pad, "img_pad"), beta, iteration, k)
-    return ipot_tri
-
-
-_registry.register(OP, "reference", _reference, priority=0)
-_registry.register(OP, "cpp", _cpp, available=_cpp_available, priority=10)
-_registry.register(OP, "triton", _triton, available=_triton_available, priority=20,
-                   auto=_registry.on_cuda)
-_registry.register(OP, "cuda", _cuda, available=_cuda_available, priority=30)
-
-
-def _check_plan_inputs(C, txt_pad, img_pad, beta, iteration, k):
-    if C.dim() != 3:
-        raise ValueError(f"cost C must be [B, M, N]; got shape {tuple(C.shape)}")
-    if tuple(txt_pad.shape) != tuple(C.shape[:2]):
-        raise ValueError(f"txt_pad shape {tuple(txt_pad.shape)} != [B, M] {tuple(C.shape[:2])}")
-    if tuple(img_pad.shape) != (C.size(0), C.size(2)):
-        raise ValueError(f"img_pad shape {tuple(img_pad.shape)} != [B, N] {(C.size(0), C.size(2))}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if int(iteration) < 1 or int(k) < 1:
-        raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")
-
-
-def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
-         beta: float = 0.5, iteration: int = 50, k: int = 1, *,
-         backend: Optional[str] = None) -> torch.Tensor:
-    """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32."""
-    _check_plan_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    return fn(C.detach(), txt_pad, img_pad, float(beta), int(iteration), int(k))
+def _reference_distance():
+    return _ref.ipot_distance
 
 
 class _FusedDistance(torch.autograd.Function):
@@ -122,8 +92,8 @@ class _FusedDistance(torch.autograd.Function):
     gradient, d distance / d C = Tᵀ (the plan is a constant)."""
 
     @staticmethod
-    def forward(ctx, C, txt_pad, img_pad, beta, iteration, k, fused):
-        T, dist = fused(C.detach(), txt_pad, img_pad, beta, iteration, k)
+    def forward(ctx, C, txt_pad, img_pad, beta, iteration, k, kernel):
+        T, dist = kernel(C.detach(), txt_pad, img_pad, beta, iteration, k, True)
         ctx.save_for_backward(T)
         ctx.cost_dtype = C.dtype
         return dist
@@ -135,32 +105,124 @@ class _FusedDistance(torch.autograd.Function):
         return grad_C, None, None, None, None, None, None
 
 
+def fused_distance(kernel):
+    """``ipot_distance`` backend from ``kernel(C, tp, ip, beta, it, k, with_plan)
+    -> (T or None, distance)``: without a gradient the plan is not written."""
+    def distance(C, txt_pad, img_pad, beta, iteration, k):
+        if not (C.requires_grad and torch.is_grad_enabled()):
+            return kernel(C.detach(), txt_pad, img_pad, beta, iteration, k, False)[1]
+        return _FusedDistance.apply(C, txt_pad, img_pad, beta, iteration, k, kernel)
+    return distance
+
+
+# cpp (csrc/ipot_cpu.cpp) and cuda (csrc/ipot_cuda.cu): the C++ extension
+EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _ext_available(kind: str):
+    on_device = _registry.device_type(kind)
+
+    def available(device, dtype):
+        reason = on_device(device, dtype)
+        if reason is None and dtype not in EXT_DTYPES:
+            reason = f"needs a float16/bfloat16/float32/float64 cost, got {dtype}"
+        if reason is None:
+            from .. import _ext
+            reason = getattr(_ext, f"{kind}_unavailable_reason")()
+        return reason
+    return available
+
+
+def _ext_fn(kind: str, name: str):
+    from .. import _ext
+    return getattr(getattr(_ext, f"{kind}_module")(), name)
+
+
+def _ext_plan(kind: str):
+    def load():
+        fn = _ext_fn(kind, f"ipot_{kind}")
+        return lambda C, tp, ip, beta, it, k: fn(C.detach(), tp, ip, beta, it, k)
+    return load
+
+
+def _ext_distance(kind: str):
+    def load():
+        return fused_distance(_ext_fn(kind, f"ipot_distance_{kind}"))
+    return load
+
+
+# triton (kernels/ipot_triton.py)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_available(device, dtype):
+    return _registry.triton_available(device, dtype, TRITON_DTYPES)
+
+
+def _triton_plan():
+    from uniter_fast.kernels import ipot_triton
+    return ipot_triton.ipot
+
+
+def _triton_distance():
+    from uniter_fast.kernels import ipot_triton
+    return fused_distance(ipot_triton.ipot_distance)
+
+
+for _op, _ref_impl, _ext_impl, _tri_impl in (
+        (OP, _reference_plan, _ext_plan, _triton_plan),
+        (DIST_OP, _reference_distance, _ext_distance, _triton_distance)):
+    _registry.register(_op, "reference", _ref_impl, priority=0)
+    _registry.register(_op, "cpp", _ext_impl("cpu"), available=_ext_available("cpu"), priority=10)
+    _registry.register(_op, "triton", _tri_impl, available=_triton_available, priority=20,
+                       auto=_registry.on_cuda)
+    _registry.register(_op, "cuda", _ext_impl("cuda"), available=_ext_available("cuda"),
+                       priority=30)
+
+
+# ----------------------------------------------------------------- public ops
+
+def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+         beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+         k: int = IPOT_INNER_ITERATIONS, *, backend: Optional[str] = None) -> torch.Tensor:
+    """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32."""
+    tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
+    fn = _registry.resolve(OP, backend, C.device, C.dtype)
+    return fn(C.detach(), tp, ip, beta, iteration, k)
+
+
+def _distance(C, tp, ip, beta, iteration, k, backend):
+    return _registry.resolve(DIST_OP, backend, C.device, C.dtype)(C, tp, ip, beta, iteration, k)
+
+
 def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
-                  beta: float = 0.5, iteration: int = 50, k: int = 1, *,
+                  beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+                  k: int = IPOT_INNER_ITERATIONS, *,
                   backend: Optional[str] = None) -> torch.Tensor:
     """trace(C·T) per example, [B] float32, T the IPOT plan of the detached C.
 
     Same contract as :func:`uniter_fast.reference.ipot_distance`: gradient
     through C only, padded entries of a finite C do not contribute."""
-    _check_plan_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    fused = getattr(fn, "with_distance", None)
-    if fused is None:
-        return _ref.ipot_distance(C, txt_pad, img_pad, float(beta), int(iteration), int(k),
-                                  ipot_fn=fn)
-    if not (C.requires_grad and torch.is_grad_enabled()):
-        # no backward: the kernel need not write the [B, N, M] plan at all
-        return fused(C.detach(), txt_pad, img_pad, float(beta), int(iteration), int(k),
-                     with_plan=False)[1]
-    return _FusedDistance.apply(C, txt_pad, img_pad, float(beta), int(iteration), int(k), fused)
+    tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
+    return _distance(C, tp, ip, beta, iteration, k, backend)
 
 
 def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
                            txt_pad: torch.Tensor, img_pad: torch.Tensor,
-                           beta: float = 0.5, iteration: int = 50, k: int = 1, *,
+                           beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+                           k: int = IPOT_INNER_ITERATIONS, *,
                            backend: Optional[str] = None) -> torch.Tensor:
-    """UNITER's WRA distance [B] (float32), IPOT on the chosen backend."""
-    def distance(cost, txt_pad, img_pad, beta, iteration, k):
-        return ipot_distance(cost, txt_pad, img_pad, beta, iteration, k, backend=backend)
-    return _ref.optimal_transport_dist(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k,
-                                       distance_fn=distance)
+    """UNITER's WRA distance [B] (float32) from the embeddings.
+
+    Cosine cost in float32 with padded entries zero
+    (:func:`~uniter_fast.ops.cost_matrix_cosine`, no normalised copies of the
+    embeddings), then :func:`ipot_distance`; gradients flow through the cost
+    only.  An empty text or image side gives 0.  ``backend`` names the
+    ``ipot_distance`` backend, and the cost's too where it has one of that name
+    (``"reference"`` runs the whole reference twin)."""
+    from .cost import COST_OP, check_embeddings, cosine_cost_unchecked
+    tp, ip = check_embeddings(txt_emb, img_emb, txt_pad, img_pad)
+    beta, iteration, k = check_params(beta, iteration, k)
+    cost_backend = backend if backend in _registry.registered_backends(COST_OP) else None
+    cost = cosine_cost_unchecked(txt_emb, img_emb, tp, ip, backend=cost_backend)
+    return _distance(cost, tp, ip, beta, iteration, k, backend)

@@ -1,9 +1,16 @@
-"""Public layer-norm and GELU ops (reference twins in :mod:`uniter_fast.reference`)."""
+"""Public layer-norm and GELU ops (reference twins in :mod:`uniter_fast.reference`).
+
+Contract: ``layer_norm(x, weight, bias, eps)`` with weight and bias of shape
+[x.size(-1)] on x's device, eps > 0; ``gelu(x)`` on any floating tensor.
+Neither looks at shapes when choosing a backend, so a call resolves from the
+registry's cache.
+"""
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..constants import LAYER_NORM_EPS
 from . import _registry
 
 
@@ -17,7 +24,7 @@ def _ref_gelu():
     return gelu
 
 
-def _torch_ln(x, weight, bias, eps=1e-12):
+def _torch_ln(x, weight, bias, eps):
     return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
 
 
@@ -32,11 +39,13 @@ _registry.register("gelu", "torch", lambda: _torch_gelu, priority=10)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float = 1e-12, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Layer norm over the last dimension (UNITER uses eps = 1e-12)."""
+               eps: float = LAYER_NORM_EPS, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Layer norm over the last dimension (UNITER: eps = 1e-12)."""
     if weight.shape != (x.size(-1),) or bias.shape != (x.size(-1),):
         raise ValueError(f"layer_norm weight/bias must be [{x.size(-1)}]; got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if not eps > 0:
+        raise ValueError(f"layer_norm eps must be > 0, got {eps}")
     return _registry.resolve("layer_norm", backend, x.device, x.dtype)(x, weight, bias, eps)
 
 

@@ -4,8 +4,8 @@ These are the baselines that tests and benchmarks compare against: simple,
 obviously right, and never optimised.
 """
 from .attention import attention
-from .ot import ipot, ipot_distance, cost_matrix_cosine, optimal_transport_dist
-from .layer_norm import layer_norm, gelu
+from .layer_norm import gelu, layer_norm
+from .ot import cost_matrix_cosine, ipot, ipot_distance, optimal_transport_dist
 
 __all__ = ["attention", "ipot", "ipot_distance", "cost_matrix_cosine", "optimal_transport_dist",
            "layer_norm", "gelu"]

@@ -5,6 +5,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..constants import ATTENTION_MASK_VALUE
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor, dropout_p: float = 0.0,
@@ -22,7 +24,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale = 1.0 / math.sqrt(q.size(-1))
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     ext = attn_mask[:, None, None, :].to(scores.dtype)
-    scores = scores + (1.0 - ext) * -10000.0
+    scores = scores + (1.0 - ext) * ATTENTION_MASK_VALUE
     probs = torch.softmax(scores, dim=-1)
     if dropout_mask is not None:
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)

@@ -3,9 +3,11 @@ import math
 
 import torch
 
+from ..constants import LAYER_NORM_EPS
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float = 1e-12) -> torch.Tensor:
+               eps: float = LAYER_NORM_EPS) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) · weight + bias over the last dim
     (biased variance, statistics in float32 for low-precision inputs)."""
     xf = x.float()

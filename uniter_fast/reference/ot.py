@@ -8,6 +8,14 @@ k > 1 inner iterations work (the original fails on a shape mismatch), and
 """
 import torch
 
+from ..constants import (
+    COSINE_EPS,
+    IPOT_BETA,
+    IPOT_INNER_ITERATIONS,
+    IPOT_ITERATIONS,
+    IPOT_PAD_PENALTY,
+)
+
 
 def _as_pad(pad: torch.Tensor, name: str) -> torch.Tensor:
     if pad.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64):
@@ -17,7 +25,8 @@ def _as_pad(pad: torch.Tensor, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
-         beta: float = 0.5, iteration: int = 50, k: int = 1) -> torch.Tensor:
+         beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+         k: int = IPOT_INNER_ITERATIONS) -> torch.Tensor:
     """Transport plan for cost ``C`` [B, M, N] (text × image).
 
     txt_pad [B, M] / img_pad [B, N]: 1 = padded position.  Returns the plan
@@ -43,8 +52,8 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     A = torch.exp(-C.transpose(1, 2) / beta).masked_fill(joint_pad, 0)
     x_len3 = x_len[:, None, None]
     y_len3 = y_len[:, None, None]
-    x_mask = (x_pad.float() * 1e4)[:, None, :]
-    y_mask = (y_pad.float() * 1e4)[:, None, :]
+    x_mask = (x_pad.float() * IPOT_PAD_PENALTY)[:, None, :]
+    y_mask = (y_pad.float() * IPOT_PAD_PENALTY)[:, None, :]
     for _ in range(iteration):
         Q = A * T
         for _ in range(k):
@@ -56,39 +65,16 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     return T.masked_fill(empty[:, None, None], 0)
 
 
-def cost_matrix_cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def cost_matrix_cosine(x: torch.Tensor, y: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
     """Cosine distance 1 − cos(x_i, y_j): [B, M, D] × [B, N, D] → [B, M, N]."""
     x = torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
     y = torch.nn.functional.normalize(y, p=2, dim=-1, eps=eps)
     return 1 - x.matmul(y.transpose(1, 2))
 
 
-def check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k):
-    """Validate WRA/IPOT arguments; raise ValueError naming the problem."""
-    if txt_emb.dim() != 3 or img_emb.dim() != 3:
-        raise ValueError(f"txt_emb and img_emb must be [B, L, D]; got {tuple(txt_emb.shape)} "
-                         f"and {tuple(img_emb.shape)}")
-    if txt_emb.size(0) != img_emb.size(0):
-        raise ValueError(f"batch size mismatch: txt_emb has {txt_emb.size(0)}, "
-                         f"img_emb has {img_emb.size(0)}")
-    if txt_emb.size(2) != img_emb.size(2):
-        raise ValueError(f"hidden size mismatch: txt_emb has {txt_emb.size(2)}, "
-                         f"img_emb has {img_emb.size(2)}")
-    if tuple(txt_pad.shape) != tuple(txt_emb.shape[:2]):
-        raise ValueError(f"txt_pad shape {tuple(txt_pad.shape)} != txt_emb [B, M] "
-                         f"{tuple(txt_emb.shape[:2])}")
-    if tuple(img_pad.shape) != tuple(img_emb.shape[:2]):
-        raise ValueError(f"img_pad shape {tuple(img_pad.shape)} != img_emb [B, N] "
-                         f"{tuple(img_emb.shape[:2])}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if int(iteration) < 1 or int(k) < 1:
-        raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")
-
-
 def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
-                  beta: float = 0.5, iteration: int = 50, k: int = 1,
-                  *, ipot_fn=ipot) -> torch.Tensor:
+                  beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+                  k: int = IPOT_INNER_ITERATIONS, *, ipot_fn=ipot) -> torch.Tensor:
     """UNITER's WRA distance from a cost: trace(C·T) per example, [B], float32.
 
     T is the IPOT plan of the detached ``C`` [B, M, N] (``ipot_fn``, the
@@ -102,8 +88,8 @@ def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
 
 def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
                            txt_pad: torch.Tensor, img_pad: torch.Tensor,
-                           beta: float = 0.5, iteration: int = 50, k: int = 1,
-                           *, distance_fn=ipot_distance) -> torch.Tensor:
+                           beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+                           k: int = IPOT_INNER_ITERATIONS, *, distance_fn=ipot_distance) -> torch.Tensor:
     """UNITER's WRA distance per example, [B], float32.
 
     Cosine cost in float32 with padded positions zeroed, then
@@ -112,7 +98,6 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
     distance = trace(C·T), gradients only through the cost.  Padded positions
     and empty sequences contribute 0.
     """
-    check_ot_inputs(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)
     txt_pad = _as_pad(txt_pad, "txt_pad")
     img_pad = _as_pad(img_pad, "img_pad")
     cost = cost_matrix_cosine(txt_emb.float(), img_emb.float())
