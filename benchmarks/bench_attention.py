@@ -8,10 +8,10 @@ Inputs are random everywhere, padded positions included.
 """
 import functools
 
+import benchutil as bu
 import pytest
 import torch
 
-import benchutil as bu
 from uniter_fast import ops
 from uniter_fast import reference as ref
 

@@ -13,10 +13,10 @@ an identity mask, as the original ``optimal_transport_dist`` computes it.
 """
 import functools
 
+import benchutil as bu
 import pytest
 import torch
 
-import benchutil as bu
 from uniter_fast import ops
 from uniter_fast import reference as ref
 
@@ -221,3 +221,108 @@ def test_ipot_distance_cpu_isa(benchmark, collector, isa):
     _bench_distance(benchmark, collector, BATCHES[len(BATCHES) // 2], run,
                     backend=f"cpp[{isa}]", label=" isa",
                     notes=f"C++ kernel forced to its {isa} build (set_cpu_isa)")
+
+
+# ------------------ WRA end to end: the distance from the embeddings, as the model calls it
+WRA_OP = "optimal_transport_dist"
+HIDDEN = 16 if bu.SMOKE else 768
+WRA_MODES = ("fwd", "fwd+bwd")
+
+
+@functools.lru_cache(maxsize=None)
+def wra_inputs(b: int):
+    """Text and image embeddings [B, L, 768] (the encoder's output) with the pads."""
+    g = torch.Generator().manual_seed(2000 + b)
+    tl = bu.lengths(b, max(1, M_TXT // 3), M_TXT, g)
+    il = bu.lengths(b, max(1, N_IMG // 10), N_IMG, g)
+    txt_pad = bu.pad_mask(tl, M_TXT, padded=True).bool()
+    img_pad = bu.pad_mask(il, N_IMG, padded=True).bool()
+    txt = torch.randn(b, M_TXT, HIDDEN, generator=g)
+    img = torch.randn(b, N_IMG, HIDDEN, generator=g)
+    w = torch.rand(b, generator=g) + 0.5     # the loss's per-example weights
+    return tuple(t.to(bu.DEVICE) for t in (txt, img, txt_pad, img_pad, w))
+
+
+def original_wra(txt, img, txt_pad, img_pad):
+    """UNITER's original ``optimal_transport_dist`` op sequence, restated:
+    ``F.normalize`` copies of both embeddings and their matmul, the padded
+    entries zeroed, the IPOT loop (the reference: the same ops per iteration),
+    then trace(C·T) as a batched [B, M, M] product and its masked diagonal."""
+    x = torch.nn.functional.normalize(txt, p=2, dim=-1, eps=1e-5)
+    y = torch.nn.functional.normalize(img, p=2, dim=-1, eps=1e-5)
+    cost = 1 - x.matmul(y.transpose(1, 2))
+    cost = cost.masked_fill(txt_pad[:, :, None] | img_pad[:, None, :], 0)
+    T = ref.ipot(cost.detach(), txt_pad, img_pad, BETA, ITERS, K)
+    prod = cost.matmul(T)
+    eye = torch.eye(prod.size(1), dtype=torch.bool, device=prod.device).expand_as(prod)
+    return prod.masked_select(eye).view(prod.size(0), -1).sum(dim=-1)
+
+
+def _wra_step(fn, mode, b):
+    """One call of ``fn(txt, img, txt_pad, img_pad)`` on embeddings that require
+    grad (as in training), plus the backward of the weighted distances for fwd+bwd."""
+    txt, img, txt_pad, img_pad, w = wra_inputs(b)
+    leaves = [t.detach().clone().requires_grad_() for t in (txt, img)]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        d = fn(*leaves, txt_pad, img_pad)
+        if mode == "fwd+bwd":
+            (d * w).sum().backward()
+        return d, leaves
+    return run
+
+
+def _wra_backends():
+    return [be for be in bu.registered(OP) if be != "reference"]
+
+
+@pytest.mark.parametrize("mode", WRA_MODES)
+@pytest.mark.parametrize("backend", _wra_backends())
+def test_wra_end_to_end(benchmark, collector, backend, mode):
+    """ops.optimal_transport_dist from the embeddings (cosine cost without
+    normalised copies, then IPOT + trace on ``backend``) against the reference
+    twin and UNITER's original sequence, at B=256, 60×100, hidden 768."""
+    reason = bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    b = BATCHES[len(BATCHES) // 2]
+    benchmark.group = (f"wra {mode} B={b} {M_TXT}x{N_IMG} D={HIDDEN} it={ITERS} "
+                       f"{bu.DEVICE.type}")
+
+    def fast_fn(t, i, tp, ip):
+        return ops.optimal_transport_dist(t, i, tp, ip, BETA, ITERS, K, backend=backend)
+
+    def reference_fn(t, i, tp, ip):
+        return ref.optimal_transport_dist(t, i, tp, ip, BETA, ITERS, K)
+
+    steps = {name: _wra_step(fn, mode, b) for name, fn in
+             (("fast", fast_fn), ("reference", reference_fn), ("original", original_wra))}
+    # every side computes the same distances (and gradients) before anything is timed
+    got = {name: step() for name, step in steps.items()}
+    d_ref = got["reference"][0].detach()
+    for name in ("fast", "original"):
+        d = got[name][0].detach()
+        assert torch.allclose(d, d_ref, rtol=1e-5, atol=1e-6), (name, d, d_ref)
+        if mode == "fwd+bwd":
+            for g, g_ref in zip(got[name][1], got["reference"][1]):
+                torch.testing.assert_close(g.grad, g_ref.grad, rtol=1e-4, atol=1e-6)
+    timing = bu.measure(benchmark, steps["fast"],
+                        {"reference": steps["reference"], "original": steps["original"]})
+    numel = b * M_TXT * N_IMG
+    emb = b * (M_TXT + N_IMG) * HIDDEN
+    rec = bu.make_record(
+        op=WRA_OP, group=benchmark.group, mode=mode, backend=backend, dtype=torch.float32,
+        shape={"B": b, "M": M_TXT, "N": N_IMG, "D": HIDDEN, "iteration": ITERS, "k": K,
+               "beta": BETA},
+        timing=timing, headline=True,
+        # floor: read both embeddings once (+ write their gradients, read them again for bwd)
+        bytes_moved=emb * 4 * (1 if mode == "fwd" else 3) + b * (M_TXT + N_IMG),
+        flops=2.0 * numel * HIDDEN * (1 if mode == "fwd" else 3) + numel * (7 * ITERS * K + 4),
+        notes=f"ops.optimal_transport_dist: cost backend "
+              f"{ops.selected_backend('cost_matrix_cosine', None, bu.DEVICE)}, ipot_distance "
+              f"backend {backend}; embeddings require grad; 'original' = UNITER's op sequence "
+              f"(F.normalize copies, matmul, IPOT loop, B×M×M product C·T and its diagonal)")
+    bu.attach(benchmark, rec)
+    collector.add(rec)

@@ -3,10 +3,10 @@ the shapes of UNITER's encoder (tokens x 768 for layer norm, tokens x 3072
 for GELU), forward and forward+backward."""
 import functools
 
+import benchutil as bu
 import pytest
 import torch
 
-import benchutil as bu
 from uniter_fast import ops
 
 MODES = ("fwd", "fwd+bwd")

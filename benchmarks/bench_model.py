@@ -11,11 +11,11 @@ CUDA: UNITER-base, 64 examples, text 10..50 tokens, 10..100 regions
 import contextlib
 import functools
 
+import benchutil as bu
 import pytest
+import synthetic_batches as bb
 import torch
 
-import benchutil as bu
-import synthetic_batches as bb
 import uniter_fast
 from uniter_fast import ops
 

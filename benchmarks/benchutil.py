@@ -83,12 +83,8 @@ def skip_reason(op: str, backend: str, device: torch.device, dtype: torch.dtype)
             return f"{op}/{backend}: Triton runs in the interpreter on CPU (not a fast path)"
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return f"{op}/{backend}: TRITON_INTERPRET=1 is set (the interpreter is not a fast path)"
-    if backend not in ops.available_backends(op, device, dtype):
-        try:  # the registry's own reason, when it exposes one
-            from uniter_fast.ops import _registry
-            reason = _registry._reason(_registry._OPS[op][backend], device, dtype)
-        except Exception:  # noqa: BLE001 - only a message
-            reason = "not in available_backends"
+    reason = ops.unavailable_reason(op, backend, device, dtype)
+    if reason is not None:
         return f"{op}/{backend} unavailable on {device.type}/{dtype}: {reason}"
     return None
 

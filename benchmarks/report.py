@@ -26,7 +26,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN = "<!-- perf-table:begin -->"
 END = "<!-- perf-table:end -->"
-OP_ORDER = ("model", "attention", "ipot", "ipot_distance", "layer_norm", "gelu")
+OP_ORDER = ("model", "attention", "ipot", "ipot_distance", "optimal_transport_dist", "layer_norm",
+            "gelu")
 TASK_ORDER = ("mlm", "mrfr", "mrc-kl", "mrc", "itm", "mixed")
 MODE_ORDER = ("fwd", "fwd+bwd")
 SWEEP_LABEL = {"batch": "batch size", "seq": "sequence length (padded)"}
@@ -97,6 +98,9 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
     elif op in ("ipot", "ipot_distance"):
         name = "ipot (WRA plan)" if op == "ipot" else "ipot + trace(C·T) (WRA distance)"
         shape = f"B={s['B']} {s['M']}×{s['N']} it={s['iteration']}, {dt}"
+    elif op == "optimal_transport_dist":
+        name = f"WRA distance from embeddings {r['mode']} (cost + ipot + trace)"
+        shape = f"B={s['B']} {s['M']}×{s['N']} D={s['D']} it={s['iteration']}, {dt}"
     else:
         name = f"{op} {r['mode']}"
         shape = ", ".join(f"{k}={v}" for k, v in s.items()) + f", {dt}"

@@ -12,9 +12,8 @@ longest example reaches each range's top.
 """
 from typing import Dict, Sequence
 
-import torch
-
 import benchutil as bu
+import torch
 
 TASKS = ("mlm", "mrfr", "mrc-kl", "itm")
 

@@ -211,3 +211,24 @@ def test_ipot_distance_rows_follow_the_plan_rows_with_the_original_baseline(tmp_
     assert len(rows) == 2 and rows[0].startswith("| ipot (WRA plan) |")
     assert rows[1].startswith("| ipot + trace(C·T) (WRA distance) | B=256 60×100 it=50")
     assert "| cpp | 2.00 ms | 60.00 ms | **30.00×** (40.00× vs original) |" in rows[1]
+
+
+def test_wra_end_to_end_rows_name_mode_hidden_size_and_the_original(tmp_path):
+    d = _cpu()
+    shape = {"B": 256, "M": 60, "N": 100, "D": 768, "iteration": 50, "k": 1, "beta": 0.5}
+    d["results"] = [
+        _row("optimal_transport_dist", "cpp", 20e-3, 230e-3, shape=shape,
+             others={"original": 240e-3}),
+        _row("optimal_transport_dist", "cpp", 60e-3, 330e-3, mode="fwd+bwd", shape=shape,
+             others={"original": 360e-3}),
+        _row("ipot_distance", "cpp", 2e-3, 60e-3, shape=dict(shape, D=None),
+             others={"original": 61e-3}),
+    ]
+    rows = [l for l in report.table([report.load(_write(tmp_path, "w.json", d))]).splitlines()
+            if l.startswith("| ") and not l.startswith("| Benchmark")]
+    assert len(rows) == 3 and rows[0].startswith("| ipot + trace(C·T)")   # after the distance
+    assert rows[1].startswith("| WRA distance from embeddings fwd (cost + ipot + trace) | "
+                              "B=256 60×100 D=768 it=50, bfloat16 | cpp | 20.00 ms | 230.00 ms | "
+                              "**11.50×** (12.00× vs original) |")
+    assert rows[2].startswith("| WRA distance from embeddings fwd+bwd")
+    assert "(6.00× vs original)" in rows[2]

@@ -67,8 +67,8 @@ def _check_smoke_run(tmp_path, device):
     if device == "cuda":
         assert env["card"] == torch.cuda.get_device_name() and env["card"] in env["device_name"]
     res = doc["results"]
-    assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance", "layer_norm", "gelu",
-                                      "model"}
+    assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance",
+                                      "optimal_transport_dist", "layer_norm", "gelu", "model"}
     for op in ("attention", "ipot", "layer_norm", "gelu"):
         got = {r["backend"] for r in res if r["op"] == op}
         assert got == _expected_backends(op, device), (op, got)
@@ -78,8 +78,15 @@ def _check_smoke_run(tmp_path, device):
         from uniter_fast import _ext
         want |= {f"cpp[{isa}]" for isa in _ext.cpu_module().cpu_isas()[1:]}
     assert got == want, got
+    # WRA end to end (from the embeddings): every fast IPOT backend, forward and forward+backward
+    wra = [r for r in res if r["op"] == "optimal_transport_dist"]
+    want = _expected_backends("ipot", device) - {"reference", "reference+cudagraph"}
+    assert {(r["backend"], r["mode"]) for r in wra} == {(b, m) for b in want
+                                                        for m in ("fwd", "fwd+bwd")}
+    assert all(set(r["speedup"]) == {"reference", "original"} for r in wra)
     for r in res:
-        if r["op"] == "ipot_distance":   # every row also against UNITER's original op sequence
+        if r["op"] in ("ipot_distance", "optimal_transport_dist"):
+            # every row also against UNITER's original op sequence
             assert "original" in r["speedup"]
             assert r["speedup"]["original"] == pytest.approx(
                 r["baselines"]["original"]["median_s"] / r["median_s"])
@@ -177,7 +184,7 @@ def test_lengths_and_masks():
 
 
 def test_skip_rule_excludes_triton_on_cpu_only():
-    for op in ("attention", "ipot"):
+    for op in ("attention", "ipot", "ipot_distance", "cost_matrix_cosine"):
         for be in ops.registered_backends(op):
             reason = bu.skip_reason(op, be, torch.device("cpu"), torch.float32)
             if "triton" in be:
