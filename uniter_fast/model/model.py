@@ -413,6 +413,8 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
                          f"{tuple(pids.shape) if torch.is_tensor(pids) else type(pids).__name__}")
     n_pos = uniter.embeddings.position_embeddings.num_embeddings
     n_types = uniter.embeddings.token_type_embeddings.num_embeddings
+    # the embedding's real row count: VCR's init_word_embedding grows it past config.vocab_size
+    n_words = uniter.embeddings.word_embeddings.num_embeddings
     typed = []
     for key, shape in (("img_type_ids", tuple(feat.shape[:2])), ("txt_type_ids", tuple(ids.shape))):
         t = batch.get(key)
@@ -429,7 +431,7 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
     # one host sync for all data-dependent checks
     flags = torch.stack([out_of_range(gidx, tl + nbb), (~torch.isfinite(feat).all()).to(no.device),
                          (~torch.isfinite(pos).all()).to(no.device),
-                         out_of_range(ids, cfg.vocab_size)]
+                         out_of_range(ids, n_words)]
                         + [out_of_range(t, n_types) for _, t in typed]
                         + [out_of_range(pids, n_pos)]).tolist()
     if flags[-1]:
@@ -442,7 +444,9 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
     if flags[2]:
         raise ValueError("img_pos_feat contains NaN or inf")
     if flags[3]:
-        raise ValueError(f"input_ids out of range [0, vocab_size={cfg.vocab_size})")
+        raise ValueError(f"input_ids out of range [0, {n_words}) of word_embeddings"
+                         + (" (VCR's special tokens need init_word_embedding())"
+                            if n_words == cfg.vocab_size else ""))
     for (key, _), bad in zip(typed, flags[4:]):
         if bad:
             raise ValueError(f"{key} out of range [0, {n_types}) of token_type_embeddings"
