@@ -14,6 +14,11 @@ Semantics follow the original ``data/mlm.py`` / ``data/mrm.py``:
 * regions: each region is selected with probability ``mask_prob``; if none is,
   one region is chosen uniformly.  Selected features are zeroed *after* the
   regression targets were taken.
+
+``MASKING_MODES``: ``"conditional"`` (UNITER, the default) or ``"joint"`` (the
+paper's ablation: an MLM example also has its regions masked at ``mrm_prob``
+(features zeroed) and an MRM example its tokens at ``mlm_prob``, 80/10/10; the
+loss stays on the task's own modality).
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["random_word", "region_mask", "img_mask_target", "mask_img_feat",
-           "soft_label_targets", "conditional_mask", "MODALITIES"]
+           "soft_label_targets", "conditional_mask", "MODALITIES", "MASKING_MODES"]
 
 MODALITIES = ("text", "image", "none")
+MASKING_MODES = ("conditional", "joint")
 
 
 def _check_rng(rng) -> None:
@@ -39,12 +45,14 @@ def _check_prob(p: float, name: str) -> None:
 
 
 def random_word(tokens: Sequence[int], v_range: Sequence[int], mask_id: int,
-                rng: random.Random, mask_prob: float = 0.15) -> Tuple[List[int], List[int]]:
+                rng: random.Random, mask_prob: float = 0.15, at_least_one: bool = True
+                ) -> Tuple[List[int], List[int]]:
     """BERT-style token masking of one caption (no CLS/SEP).
 
     Returns ``(masked_tokens, labels)``: new lists (the input is not modified),
     labels are the original ids at selected positions and -1 elsewhere.  At
-    least one position is always selected.
+    least one position is always selected (unless ``at_least_one=False``: the
+    joint-masking ablation's second modality).
     """
     _check_rng(rng)
     _check_prob(mask_prob, "mask_prob")
@@ -65,21 +73,23 @@ def random_word(tokens: Sequence[int], v_range: Sequence[int], mask_id: int,
                 out[i] = rng.randrange(lo, hi)
             # else: keep the token
             labels[i] = tok
-    if all(lab == -1 for lab in labels):
+    if at_least_one and all(lab == -1 for lab in labels):
         labels[0] = out[0]
         out[0] = mask_id
     return out, labels
 
 
-def region_mask(num_bb: int, mask_prob: float, rng: random.Random) -> torch.Tensor:
-    """Bool mask [num_bb] with each region selected w.p. ``mask_prob``, at least one."""
+def region_mask(num_bb: int, mask_prob: float, rng: random.Random,
+                at_least_one: bool = True) -> torch.Tensor:
+    """Bool mask [num_bb] with each region selected w.p. ``mask_prob``, at least one
+    (unless ``at_least_one=False``)."""
     _check_rng(rng)
     _check_prob(mask_prob, "mask_prob")
     num_bb = int(num_bb)
     if num_bb < 1:
         raise ValueError(f"region_mask: need at least one region, got num_bb={num_bb}")
     sel = [rng.random() < mask_prob for _ in range(num_bb)]
-    if not any(sel):
+    if at_least_one and not any(sel):
         sel[rng.randrange(num_bb)] = True
     return torch.tensor(sel, dtype=torch.bool)
 

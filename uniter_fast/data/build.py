@@ -11,7 +11,7 @@ the built-in synthetic dataset (generated on first use from the config's
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from .collate import collate_fn_for
 from .datasets import build_dataset
@@ -103,14 +103,15 @@ def _check_entry(d: Dict[str, Any], train: bool) -> None:
 
 
 def _dataset(task: str, d: Dict[str, Any], cfg, imgs: _ImgDbGroup, rank: int, world: int,
-             max_txt_len: int):
+             max_txt_len: int, masking: str = "conditional"):
     parts = []
     for db, img in zip(d["db"], d["img"]):
         txt_db = TxtTokLmdb(resolve_path(db, cfg), max_txt_len)
         parts.append(build_dataset(task, txt_db, imgs[resolve_path(img, cfg)],
                                    mrm_prob=cfg.get("mrm_prob", 0.15),
                                    itm_neg_prob=cfg.get("itm_neg_prob", 0.5),
-                                   rank=rank, world_size=world, seed=cfg.get("seed", 42)))
+                                   rank=rank, world_size=world, seed=cfg.get("seed", 42),
+                                   masking=masking))
     return parts[0] if len(parts) == 1 else ConcatDatasetWithLens(parts)
 
 
@@ -124,7 +125,10 @@ def create_train_loader(cfg: Dict[str, Any], rank: int = 0, world_size: int = 1,
         for t, ratio in zip(d["tasks"], d["mix_ratio"]):
             task = task_of(t)
             name = f"{t}_{d['name']}"
-            ds = _dataset(task, d, cfg, imgs, rank, world_size, cfg.get("max_txt_len", 60))
+            # "masking" (conditional / joint ablation) applies to training only: validation
+            # always sees the other modality intact
+            ds = _dataset(task, d, cfg, imgs, rank, world_size, cfg.get("max_txt_len", 60),
+                          cfg.get("masking", "conditional"))
             sampler = TokenBucketSampler(cfg.get("bucket_size", 8192), cfg["train_batch_size"],
                                          droplast=True, seed=seed + 7919 * rank)
             loaders[name] = (TaskLoader(ds, collate_fn_for(task, cfg.get("itm_ot_lambda", 0.0)),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..masking import img_mask_target, random_word, region_mask
+from ..masking import MASKING_MODES, img_mask_target, random_word, region_mask
 from .db import DbError, DetectFeatLmdb, TxtTokLmdb
 
 __all__ = ["DetectFeatTxtTokDataset", "MlmDataset", "MrfrDataset", "MrcDataset", "ItmDataset",
@@ -90,18 +90,33 @@ class DetectFeatTxtTokDataset(Dataset):
         return feat, pos
 
 
+def _check_masking(masking: str, other_prob: float) -> None:
+    if masking not in MASKING_MODES:
+        raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
+    if not 0.0 <= other_prob <= 1.0:
+        raise ValueError(f"joint masking probability must be in [0, 1], got {other_prob}")
+
+
 class MlmDataset(DetectFeatTxtTokDataset):
-    """Masked language modelling: text masked, image intact."""
+    """Masked language modelling: text masked, image intact (``masking="joint"``:
+    regions also masked w.p. ``other_prob``, their features zeroed)."""
     task = "mlm"
 
-    def __init__(self, txt_db, img_db, *, mask_prob: float = 0.15, **kw):
+    def __init__(self, txt_db, img_db, *, mask_prob: float = 0.15,
+                 masking: str = "conditional", other_prob: float = 0.15, **kw):
         super().__init__(txt_db, img_db, **kw)
+        _check_masking(masking, other_prob)
         self.mask_prob = mask_prob
+        self.masking, self.other_prob = masking, float(other_prob)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         db = self.txt_db
         ids, labels = random_word(self._text(i), db.v_range, db.mask, self._rng(i), self.mask_prob)
         feat, pos = self._img(self.img_fnames[i])
+        if self.masking == "joint":
+            rng = example_rng(self.seed, "mlm-joint", self.epoch, self.ids[i])
+            drop = region_mask(feat.size(0), self.other_prob, rng, at_least_one=False)
+            feat = feat.masked_fill(drop.unsqueeze(-1), 0)
         input_ids = torch.tensor([db.cls_] + ids + [db.sep])
         return {"input_ids": input_ids, "img_feat": feat, "img_pos_feat": pos,
                 "attn_masks": torch.ones(len(input_ids) + feat.size(0), dtype=torch.long),
@@ -111,12 +126,21 @@ class MlmDataset(DetectFeatTxtTokDataset):
 class _MrmDataset(DetectFeatTxtTokDataset):
     with_soft_labels = False
 
-    def __init__(self, txt_db, img_db, *, mask_prob: float = 0.15, **kw):
+    def __init__(self, txt_db, img_db, *, mask_prob: float = 0.15,
+                 masking: str = "conditional", other_prob: float = 0.15, **kw):
         super().__init__(txt_db, img_db, **kw)
+        _check_masking(masking, other_prob)
         self.mask_prob = mask_prob
+        self.masking, self.other_prob = masking, float(other_prob)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        input_ids = torch.tensor(self.txt_db.combine_inputs(self._text(i)))
+        text = self._text(i)
+        if self.masking == "joint":   # tokens masked too (labels unused: the loss is MRM's)
+            db = self.txt_db
+            rng = example_rng(self.seed, f"{self.task}-joint", self.epoch, self.ids[i])
+            text, _ = random_word(text, db.v_range, db.mask, rng, self.other_prob,
+                                  at_least_one=False)
+        input_ids = torch.tensor(self.txt_db.combine_inputs(text))
         out = self._img(self.img_fnames[i], soft_labels=self.with_soft_labels)
         feat, pos = out[0], out[1]
         img_mask = region_mask(feat.size(0), self.mask_prob, self._rng(i))
@@ -179,15 +203,22 @@ class ItmDataset(DetectFeatTxtTokDataset):
 
 def build_dataset(task: str, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, *, mrm_prob: float = 0.15,
                   itm_neg_prob: float = 0.5, rank: int = 0, world_size: int = 1, seed: int = 0,
-                  mlm_prob: float = 0.15) -> Optional[DetectFeatTxtTokDataset]:
-    """Dataset for a UNITER task name (mlm, mrfr, mrc, mrc-kl / mrckl, itm)."""
+                  mlm_prob: float = 0.15, masking: str = "conditional"
+                  ) -> Optional[DetectFeatTxtTokDataset]:
+    """Dataset for a UNITER task name (mlm, mrfr, mrc, mrc-kl / mrckl, itm).
+
+    ``masking="joint"`` (ablation) also masks the other modality of MLM / MRM
+    examples, regions at ``mrm_prob`` and tokens at ``mlm_prob``."""
     kw = dict(rank=rank, world_size=world_size, seed=seed)
     if task == "mlm":
-        return MlmDataset(txt_db, img_db, mask_prob=mlm_prob, **kw)
+        return MlmDataset(txt_db, img_db, mask_prob=mlm_prob, masking=masking,
+                          other_prob=mrm_prob, **kw)
     if task == "mrfr":
-        return MrfrDataset(txt_db, img_db, mask_prob=mrm_prob, **kw)
+        return MrfrDataset(txt_db, img_db, mask_prob=mrm_prob, masking=masking,
+                           other_prob=mlm_prob, **kw)
     if task in ("mrc", "mrc-kl", "mrckl"):
-        return MrcDataset(txt_db, img_db, mask_prob=mrm_prob, **kw)
+        return MrcDataset(txt_db, img_db, mask_prob=mrm_prob, masking=masking,
+                          other_prob=mlm_prob, **kw)
     if task == "itm":
         return ItmDataset(txt_db, img_db, neg_prob=itm_neg_prob, **kw)
     raise ValueError(f"unknown task {task!r}; expected mlm, mrfr, mrc, mrc-kl or itm")

@@ -3,20 +3,18 @@ mlm, mrfr, mrc, mrc-kl and itm (+ WRA) mixed by the config's mix ratios."""
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import CONFIG_DIR, UniterConfig, config_path
 from ..data import create_train_loader, create_val_loaders, task_of, text_meta
 from .loop import Trainer
-from .task import RunContext, TrainTask
-from .validation import reduce_sums, val_batches
+from .pretrain_eval import format_summary, summary_rows, validate_pretrain, wra_loader
+from .task import TrainTask
 
 __all__ = ["DESCRIPTION", "DEFAULT_CONFIG", "IMG_DIM", "IMG_LABEL_DIM", "PretrainTask", "build_model",
-           "compute_loss", "load_model_config", "main"]
+           "compute_loss", "load_model_config", "main", "validate_pretrain"]
 
 DESCRIPTION = "UNITER pretraining under DeepSpeed."
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "pretrain-synthetic-tiny.json")
@@ -97,46 +95,6 @@ def compute_loss(model, batch, task: str, itm_ot_lambda: float):
     return out.mean(), {}
 
 
-def validate_pretrain(engine, val_loaders, ctx: RunContext) -> Dict[str, float]:
-    logs = {}
-    for name, loader in val_loaders.items():
-        task = task_of(name)
-        sums = defaultdict(float)
-        for b, real in val_batches(loader, ctx):
-            if not real:
-                engine(b, task=task, compute_loss=False)
-                continue
-            if task == "mlm":
-                scores = engine(b, task=task, compute_loss=False).float()
-                labels = b["txt_labels"][b["txt_labels"] != -1]
-                sums["loss"] += float(F.cross_entropy(scores, labels, reduction="sum"))
-                sums["correct"] += float((scores.argmax(-1) == labels).sum())
-                sums["n"] += labels.numel()
-            elif task == "itm":
-                scores, _ = engine(b, task=task, compute_loss=False)
-                scores = scores.float()
-                sums["loss"] += float(F.cross_entropy(scores, b["targets"], reduction="sum"))
-                sums["correct"] += float((scores.argmax(-1) == b["targets"]).sum())
-                sums["n"] += b["targets"].numel()
-            elif task == "mrfr":
-                pred = engine(b, task=task, compute_loss=False).float()
-                sums["loss"] += float(F.mse_loss(pred, b["feat_targets"].float(),
-                                                 reduction="sum")) / pred.size(-1)
-                sums["n"] += pred.size(0)
-            else:   # mrc / mrc-kl
-                pred = engine(b, task=task, compute_loss=False).float()
-                tgt = b["label_targets"].float()
-                sums["loss"] += float(F.kl_div(F.log_softmax(pred, -1), tgt, reduction="sum"))
-                sums["correct"] += float((pred[:, 1:].argmax(-1) == tgt[:, 1:].argmax(-1)).sum())
-                sums["n"] += pred.size(0)
-        t = reduce_sums(sums, ("loss", "correct", "n"), ctx.world_size)
-        if t["n"] > 0:
-            logs[f"{name}/loss"] = t["loss"] / t["n"]
-            if task != "mrfr":
-                logs[f"{name}/acc"] = t["correct"] / t["n"]
-    return logs
-
-
 class PretrainTask(TrainTask):
     name = "pretrain"
     known_keys = PRETRAIN_KEYS
@@ -151,7 +109,12 @@ class PretrainTask(TrainTask):
         return create_train_loader(cfg, rank, world_size, accum_steps=accum_steps)
 
     def val_loaders(self, cfg, rank, world_size):
-        return create_val_loaders(cfg, rank, world_size)
+        loaders = create_val_loaders(cfg, rank, world_size)
+        # WRA distances / alignment on every itm validation db, whether or not WRA is trained
+        for name in list(loaders):
+            if task_of(name) == "itm":
+                loaders["wra_" + name.split("_", 1)[1]] = wra_loader(loaders[name], cfg)
+        return loaders
 
     def build_model(self, cfg, meta):
         return build_model(cfg, meta)
@@ -160,7 +123,18 @@ class PretrainTask(TrainTask):
         return compute_loss(engine, batch, task_of(name), float(cfg.get("itm_ot_lambda", 0.0)))
 
     def validate(self, engine, val_loaders, ctx):
-        return validate_pretrain(engine, val_loaders, ctx)
+        return validate_pretrain(engine, val_loaders, ctx, self._meta)
+
+    def end_of_run(self, engine, ctx, summary):
+        """Each objective's last validation metric beside its baseline (and, on the
+        synthetic data, the README's target): in the summary and printed on rank 0."""
+        synthetic = any(db.startswith("synthetic:") for d in ctx.cfg.get("val_datasets") or []
+                        for db in d.get("db", []))
+        rows = summary_rows(summary.get("validation") or {}, with_targets=synthetic)
+        summary["objectives"] = rows
+        if ctx.rank == 0 and rows:
+            print("validation at step {}:\n{}".format(summary.get("step"), format_summary(rows)),
+                  flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
