@@ -11,7 +11,8 @@ records: ``np.savez_compressed`` bytes when compressed, msgpack-numpy otherwise,
 with ``features`` fp16 [n, 2048], ``norm_bb`` [n, 6], ``conf`` [n] and
 ``soft_labels`` [n, label_dim]) and ``nbb_th{conf_th}_max{max_bb}_min{min_bb}.json``
 (number of boxes per image).  With ``conf_th == -1`` the db is
-``feat_numbb{num_bb}`` and every image uses ``num_bb`` boxes.
+``feat_numbb{num_bb}`` and every image uses ``num_bb`` boxes, or all of its rows
+when a record holds fewer (UNITER slices ``arr[:num_bb]``).
 
 Every read is validated: a missing key, a corrupt record, non-finite values or
 shapes that disagree raise :class:`DbError` (a ``ValueError``) naming the db
@@ -130,10 +131,13 @@ class TxtTokLmdb:
     ``max_txt_len`` (-1 = no limit) drops captions longer than it, as in UNITER.
     """
 
+    #: the lengths file (VCR's dbs have one per task: ``id2len_qa.json``, ``id2len_qar.json``)
+    id2len_file = "id2len.json"
+
     def __init__(self, db_dir: str, max_txt_len: int = 60):
         self.db_dir = os.path.normpath(db_dir)
         what = "text db"
-        id2len = _load_json(os.path.join(self.db_dir, "id2len.json"), what)
+        id2len = _load_json(os.path.join(self.db_dir, self.id2len_file), what)
         if not isinstance(id2len, dict):
             raise DbError(f"text db {self.db_dir}: id2len.json must map id -> length")
         self.id2len = {k: int(v) for k, v in id2len.items()
@@ -156,13 +160,17 @@ class TxtTokLmdb:
     def __len__(self) -> int:
         return len(self.id2len)
 
-    def __getitem__(self, id_: str) -> Dict[str, Any]:
+    def _load(self, id_: str) -> Any:
+        """The decoded record, unvalidated (task dbs such as RE/VCR check their own fields)."""
         raw = self._env.get(id_)
         try:
-            dump = msgpack.loads(lz4_decompress(raw), raw=False)
+            return msgpack.loads(lz4_decompress(raw), raw=False)
         except Exception as e:  # lz4 / msgpack raise various types
             raise DbError(f"text db {self.db_dir}: corrupt record {id_!r} "
                           f"({type(e).__name__}: {e})") from None
+
+    def __getitem__(self, id_: str) -> Dict[str, Any]:
+        dump = self._load(id_)
         if not isinstance(dump, dict) or "input_ids" not in dump or "img_fname" not in dump:
             raise DbError(f"text db {self.db_dir}: record {id_!r} lacks input_ids/img_fname")
         ids = dump["input_ids"]
@@ -323,6 +331,10 @@ class DetectFeatLmdb:
         need = ["features", "norm_bb"] + (["soft_labels"] if with_soft_labels else [])
         dump = self._raw(fname, need)
         nbb = self.nbb(fname)
+        if self._fixed_nbb is not None and "features" in dump and np.ndim(dump["features"]):
+            # conf_th == -1: UNITER reads arr[:num_bb], so a record with fewer boxes
+            # (RE/VCR ground-truth boxes) keeps all of its rows
+            nbb = min(nbb, int(np.shape(dump["features"])[0]))
         where = f"image db {self.db_path}: record {fname!r}"
         out = {}
         for key in need:
