@@ -26,8 +26,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN = "<!-- perf-table:begin -->"
 END = "<!-- perf-table:end -->"
-OP_ORDER = ("model", "attention", "ipot", "ipot_distance", "optimal_transport_dist", "layer_norm",
-            "gelu")
+OP_ORDER = ("model", "itr_eval", "attention", "ipot", "ipot_distance", "optimal_transport_dist",
+            "layer_norm", "gelu")
 TASK_ORDER = ("mlm", "mrfr", "mrc-kl", "mrc", "itm", "mixed")
 MODE_ORDER = ("fwd", "fwd+bwd")
 SWEEP_LABEL = {"batch": "batch size", "seq": "sequence length (padded)"}
@@ -101,6 +101,10 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
     elif op == "optimal_transport_dist":
         name = f"WRA distance from embeddings {r['mode']} (cost + ipot + trace)"
         shape = f"B={s['B']} {s['M']}×{s['N']} D={s['D']} it={s['iteration']}, {dt}"
+    elif op == "itr_eval":
+        name = "retrieval eval, full ranking (pairs/s)"
+        shape = (f"{s.get('config')} ({s.get('layers')} layers, hidden {s.get('hidden')}), "
+                 f"{s.get('texts')}×{s.get('images')} pairs, {s.get('precision', dt)}")
     else:
         name = f"{op} {r['mode']}"
         shape = ", ".join(f"{k}={v}" for k, v in s.items()) + f", {dt}"
@@ -109,6 +113,8 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
 
 def throughput(r: Dict[str, object], peak_gbps: Optional[float] = None) -> str:
     parts = []
+    if "pairs_per_s" in r:
+        parts.append(fmt_si(r["pairs_per_s"], "pairs/s"))
     if "tokens_per_s" in r:
         parts.append(fmt_si(r["tokens_per_s"], "tok/s"))
     if "gbps" in r:

@@ -68,7 +68,8 @@ def _check_smoke_run(tmp_path, device):
         assert env["card"] == torch.cuda.get_device_name() and env["card"] in env["device_name"]
     res = doc["results"]
     assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance",
-                                      "optimal_transport_dist", "layer_norm", "gelu", "model"}
+                                      "optimal_transport_dist", "layer_norm", "gelu", "model",
+                                      "itr_eval"}
     for op in ("attention", "ipot", "layer_norm", "gelu"):
         got = {r["backend"] for r in res if r["op"] == op}
         assert got == _expected_backends(op, device), (op, got)
@@ -101,7 +102,10 @@ def _check_smoke_run(tmp_path, device):
         assert set(r["speedup"]) >= {"reference"}
         ref_t = r["baselines"]["reference"]["median_s"]
         assert r["speedup"]["reference"] == pytest.approx(ref_t / r["median_s"])
-        if r["op"] == "model":
+        if r["op"] == "itr_eval":   # full-ranking retrieval: pairs/s against the original loop
+            assert set(r["speedup"]) == {"reference", "loop+auto"}
+            assert r["pairs_per_s"] == pytest.approx(r["pairs"] / r["median_s"])
+        if r["op"] in ("model", "itr_eval"):
             assert r["tokens"] > 0
             assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
             assert (r.get("peak_mem_bytes", 0) > 0) == (device == "cuda")

@@ -27,6 +27,7 @@ UNITER's recall metric (``utils/itm_eval.py``).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -229,7 +230,11 @@ def _cls_layer(layer, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     sa = layer.attention.self
     q = sa._heads(sa.query(hidden[:, :1]))
     k, v = sa._heads(sa.key(hidden)), sa._heads(sa.value(hidden))
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    # one query: a plain matmul-softmax (SDPA kernels are slower at query length 1); masked
+    # keys get -inf (the model's -10000 gives exp() == 0 as well; [CLS] is never masked)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ctx = torch.softmax(scores, dim=-1) @ v
     ctx = ctx.transpose(1, 2).reshape(hidden.size(0), 1, sa.all_head_size)
     att = layer.attention.output(ctx, hidden[:, :1])
     return layer.output(layer.intermediate(att), att)
