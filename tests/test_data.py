@@ -1,7 +1,6 @@
 """Data layer: UNITER db format (written by the synthetic generator), validation
 errors on corrupt dbs, batches, sampler, sharding, task mixing, resumability."""
 import collections
-import io
 import json
 import os
 
@@ -10,11 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from uniter_fast.data import (DbError, DetectFeatLmdb, ItmDataset, MetaLoader, MlmDataset,
-                              MrcDataset, MrfrDataset, SyntheticSpec, TaskLoader,
-                              TokenBucketSampler, TxtTokLmdb, ensure_synthetic, mlm_collate,
-                              mrc_collate, mrfr_collate, itm_ot_collate, write_img_db,
-                              write_txt_db)
+from uniter_fast.data import (
+    DbError,
+    DetectFeatLmdb,
+    ItmDataset,
+    MetaLoader,
+    MlmDataset,
+    MrcDataset,
+    MrfrDataset,
+    SyntheticSpec,
+    TaskLoader,
+    TokenBucketSampler,
+    TxtTokLmdb,
+    ensure_synthetic,
+    itm_ot_collate,
+    mlm_collate,
+    mrc_collate,
+    mrfr_collate,
+    write_img_db,
+    write_txt_db,
+)
 from uniter_fast.data.build import create_train_loader
 from uniter_fast.data.synthetic import CLASS_NAMES, build_vocab
 
@@ -213,6 +227,7 @@ def _check_common(batch, items):
     nbbs = [x["img_feat"].size(0) for x in items]
     L, N = max(tls), max(nbbs)
     assert batch["input_ids"].shape == (b, L)
+    assert batch["img_feat"].shape[:2] == (b, N)
     assert batch["position_ids"].tolist() == [list(range(L))]
     assert batch["attn_masks"].shape == (b, max(t + n for t, n in zip(tls, nbbs)))
     for i in range(b):

@@ -5,8 +5,14 @@ import random
 import pytest
 import torch
 
-from uniter_fast.masking import (conditional_mask, img_mask_target, mask_img_feat,
-                                 random_word, region_mask, soft_label_targets)
+from uniter_fast.masking import (
+    conditional_mask,
+    img_mask_target,
+    mask_img_feat,
+    random_word,
+    region_mask,
+    soft_label_targets,
+)
 
 MASK = 103
 V_RANGE = (1000, 29000)

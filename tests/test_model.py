@@ -1,14 +1,12 @@
 """Core model: UNITER state-dict compatibility, task outputs vs an independent oracle, input checks."""
-import os
 
 import pytest
 import torch
+from batches import make_batch
+from oracle import pretrain_forward
 
 import uniter_fast
 from uniter_fast import UniterConfig, UniterForPretraining, ops
-
-from batches import make_batch
-from oracle import pretrain_forward
 
 IMG_DIM, LABEL_DIM = 48, 9
 TASKS = ["mlm", "mrfr", "mrc", "mrc-kl", "itm"]

@@ -33,9 +33,8 @@ _expose_source_kernels()
 
 from . import ops, reference  # noqa: E402
 from .config import UniterConfig, config_path  # noqa: E402
+from .model import TASKS, UniterForPretraining, UniterModel, UniterPreTrainedModel, itm_ot_loss  # noqa: E402
 from .ops import optimal_transport_dist  # noqa: E402
-from .model import (TASKS, UniterForPretraining, UniterModel,  # noqa: E402
-                    UniterPreTrainedModel, itm_ot_loss)
 
 __all__ = ["UniterConfig", "config_path", "UniterModel", "UniterPreTrainedModel",
            "UniterForPretraining", "itm_ot_loss", "optimal_transport_dist", "TASKS", "ops",

@@ -11,7 +11,7 @@ step without communication (required for ZeRO's collective reductions).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
