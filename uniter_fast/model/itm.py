@@ -133,6 +133,8 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
         out = dict(batch)
+        if not torch.is_tensor(out.get("attn_masks")):
+            raise ValueError("hard-negative batch is missing ['attn_masks']")
         b = out["attn_masks"].size(0)
         keys = ("input_ids",) if sample_from == "t" else ("img_feat", "img_pos_feat")
         for k in keys:
