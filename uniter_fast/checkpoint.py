@@ -1,26 +1,65 @@
-"""Crash-safe DeepSpeed checkpoints.
+"""Crash-safe, verified DeepSpeed checkpoints.
 
-DeepSpeed's ``save_checkpoint`` writes the ``latest`` file itself, possibly
-before every rank finished writing.  Here it is called with
-``save_latest=False``; after all ranks are done (barrier) rank 0 writes
-``latest`` atomically (temp file, fsync, ``os.replace``).  A kill at any moment
-therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` at
-all); a partially written tag directory is never referenced, and is
-overwritten when training reaches that step again.
+Saving (:func:`save`, every rank):
+
+1. the tag directory is written by DeepSpeed's ``save_checkpoint`` with
+   ``save_latest=False`` (DeepSpeed would otherwise write ``latest`` itself,
+   possibly before every rank finished writing);
+2. after a barrier every file of the tag is fsynced and checksummed (CRC-32,
+   streamed; the files are split over the ranks) and rank 0 writes
+   ``manifest.json`` (size + checksum of every file, and the run settings:
+   ZeRO stage, precision, world size) atomically;
+3. only then rank 0 replaces ``latest`` atomically (temp file, fsync,
+   ``os.replace``, fsync of the directory).
+
+A kill at any moment therefore leaves ``latest`` naming a complete, verified
+checkpoint (or no ``latest`` at all); a partially written tag has no manifest,
+is never referenced, and is removed when training saves that step again.  A
+failed write (e.g. a full disk) raises :class:`CheckpointSaveError` naming the
+tag, the free space and the intact tag ``latest`` still names.
+
+Loading (:func:`load`): the manifest is verified first (sizes and checksums,
+split over the ranks), then the stored settings are compared with the running
+ones, and only then DeepSpeed loads the tag.  A damaged tag stops with a
+:class:`CheckpointError` naming the file and the newest intact tag.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shutil
-from typing import Any, Dict, Optional, Tuple
+import time
+import zlib
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["save", "read_latest", "load_latest", "tag_for_step", "write_latest"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "LATEST", "MANIFEST", "METRICS_FILE",
+           "save", "load", "load_latest", "read_latest", "write_latest", "tag_for_step",
+           "list_tags", "read_manifest", "verify_tag", "newest_intact_tag", "check_output_dir",
+           "check_settings", "run_settings", "ds_settings", "stored_settings", "param_group_names", "checksum_file"]
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+METRICS_FILE = "metrics.jsonl"
+CHECKSUM = "crc32"
+_CHUNK = 4 << 20
+SETTINGS_KEYS = ("zero_stage", "precision", "world_size")
 
+
+class CheckpointError(ValueError):
+    """A checkpoint (or output directory) that cannot be used as asked."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; ``latest`` still names the previous intact one."""
+
+
+# ----------------------------------------------------------------------------- names
 
 def tag_for_step(step: int) -> str:
     return f"global_step{int(step)}"
@@ -31,26 +70,65 @@ def _step_of(tag: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def list_tags(ckpt_dir: str) -> List[str]:
+    """Tag directories in ``ckpt_dir``, newest first (by step, then by mtime)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, t))]
+
+    def key(t):
+        s = _step_of(t)
+        return (s if s is not None else -1, os.path.getmtime(os.path.join(ckpt_dir, t)))
+    return sorted(tags, key=key, reverse=True)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _dist() else 0
 
 
-def write_latest(ckpt_dir: str, tag: str) -> None:
-    """Atomically point ``ckpt_dir/latest`` at ``tag``."""
-    path = os.path.join(ckpt_dir, LATEST)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(ckpt_dir, os.O_RDONLY)
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> List[Any]:
+    if not _dist() or _world() == 1:
+        return [obj]
+    out: List[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    if not _dist() or _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if_any(msgs: Sequence[Optional[str]], cls=None) -> None:
+    """Every rank raises the first non-empty message of ``msgs`` (gathered)."""
+    bad = [m for m in msgs if m]
+    if bad:
+        raise (cls or CheckpointError)(bad[0])
+
+
+# ----------------------------------------------------------------------------- files
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -59,46 +137,428 @@ def write_latest(ckpt_dir: str, tag: str) -> None:
         pass
 
 
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def checksum_file(path: str, fsync: bool = False) -> Tuple[int, int]:
+    """``(size, crc32)`` of a file, streamed in 4 MiB chunks; ``fsync`` flushes it to disk."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while True:
+            buf = f.read(_CHUNK)
+            if not buf:
+                break
+            crc = zlib.crc32(buf, crc)
+            size += len(buf)
+    return size, crc & 0xFFFFFFFF
+
+
+def _tag_files(tag_dir: str) -> List[str]:
+    """Every regular file of a tag (relative paths, sorted), the manifest excluded."""
+    out = []
+    for root, _, files in os.walk(tag_dir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), tag_dir)
+            if rel != MANIFEST and not rel.startswith(MANIFEST + ".tmp"):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_latest(ckpt_dir: str, tag: str) -> None:
+    """Atomically point ``ckpt_dir/latest`` at ``tag``."""
+    _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+
+
 def read_latest(ckpt_dir: str) -> Optional[str]:
+    """The tag ``ckpt_dir/latest`` names; ``None`` without a ``latest`` file.
+
+    Raises :class:`CheckpointError` naming the file when it does not hold the
+    name of a tag directory (garbage, empty, a missing tag).
+    """
     path = os.path.join(ckpt_dir, LATEST)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        tag = f.read().strip()
-    if not tag or not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        raise ValueError(f"checkpoint dir {ckpt_dir}: 'latest' names {tag!r}, which does not exist")
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    tags = list_tags(ckpt_dir)
+    how = (f"tags present: {tags[:6]}; resume from one with --resume --resume_tag TAG "
+           f"(or write its name into {path})" if tags else "no tag directory is present")
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a checkpoint tag name (binary data "
+                              f"{raw[:12]!r}...); expected the name of a tag directory such "
+                              f"as 'global_step1000' in {ckpt_dir}; {how}") from None
+    if not tag or os.sep in tag or tag in (".", "..") or \
+            not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        raise CheckpointError(f"{path} names {tag[:80]!r}, which is not a checkpoint directory "
+                              f"in {ckpt_dir}; {how}")
     return tag
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2) -> str:
-    """Save on all ranks, then publish it as ``latest``; keep the ``keep`` newest."""
+# ----------------------------------------------------------------------------- manifests
+
+def read_manifest(tag_dir: str) -> Optional[Dict[str, Any]]:
+    """The tag's manifest, ``None`` when it has none; a corrupt one raises."""
+    path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            man = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
+        raise CheckpointError(f"{path} is corrupt (no 'files' table)")
+    return man
+
+
+def _check_entries(tag_dir: str, entries: Iterable[Tuple[str, Dict[str, Any]]]) -> List[str]:
+    problems = []
+    for rel, want in entries:
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"file {path} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != want.get("size"):
+            problems.append(f"file {path} has {size} bytes, the manifest says {want.get('size')}"
+                            " (truncated or overwritten)")
+            continue
+        if checksum_file(path)[1] != want.get(CHECKSUM):
+            problems.append(f"file {path} does not match its {CHECKSUM} checksum (corrupted)")
+    return problems
+
+
+def verify_tag(tag_dir: str, share: Optional[Tuple[int, int]] = None) -> List[str]:
+    """Problems of a tag (``[]``: intact).  ``share=(rank, world)`` checks only
+    every ``world``-th file from ``rank`` on (the caller gathers the results)."""
+    try:
+        man = read_manifest(tag_dir)
+    except CheckpointError as e:
+        return [str(e)]
+    if man is None:
+        return [f"{tag_dir} has no {MANIFEST} (an interrupted save, or written by an older "
+                "version)"]
+    entries = sorted(man["files"].items())
+    if share is not None:
+        entries = entries[share[0]::share[1]]
+    return _check_entries(tag_dir, entries)
+
+
+def newest_intact_tag(ckpt_dir: str, before_step: Optional[int] = None,
+                      exclude: Sequence[str] = ()) -> Optional[str]:
+    """The newest tag whose manifest verifies (reads its files), optionally older than a step."""
+    for t in list_tags(ckpt_dir):
+        if t in exclude:
+            continue
+        s = _step_of(t)
+        if before_step is not None and (s is None or s >= before_step):
+            continue
+        if not verify_tag(os.path.join(ckpt_dir, t)):
+            return t
+    return None
+
+
+def _resume_hint(ckpt_dir: str, good: Optional[str]) -> str:
+    if good is None:
+        return (f"No intact checkpoint (one with a verified {MANIFEST}) is left in {ckpt_dir}: "
+                "start a new run with another --output_dir.")
+    return (f"The newest intact checkpoint is {good}: resume from it with --resume "
+            f"--resume_tag {good} (training repeats the steps after it; 'latest' is then "
+            "rewritten to name it).")
+
+
+def _damage_message(ckpt_dir: str, tag: str, problems: Sequence[str]) -> str:
+    good = newest_intact_tag(ckpt_dir, before_step=_step_of(tag), exclude=(tag,))
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4
+                                       else "")
+    return (f"checkpoint {os.path.join(ckpt_dir, tag)} is damaged and was not loaded: {shown}. "
+            + _resume_hint(ckpt_dir, good))
+
+
+def _verify_collective(ckpt_dir: str, tag: str) -> Dict[str, Any]:
+    """Verify a tag on all ranks (files split over them); every rank raises on damage.
+    Returns the manifest ({} for a legacy tag without one, which rank 0 warns about)."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    rank, world = _rank(), _world()
+    try:
+        man = read_manifest(tag_dir)
+        err = None
+    except CheckpointError as e:
+        man, err = None, str(e)
+    problems = [] if (man is None or err) else verify_tag(tag_dir, share=(rank, world))
+    gathered = _all_gather(problems)
+    problems = sorted(p for ps in gathered for p in ps)
+    if err:
+        problems = [err]
+    msg = None
+    if problems and rank == 0:
+        msg = _damage_message(ckpt_dir, tag, problems)
+    msg = _from_rank0(msg)
+    _raise_if_any([msg])
+    if man is None:
+        if rank == 0:
+            print(f"[uniter_fast] warning: {tag_dir} has no {MANIFEST} (written by an older "
+                  "version): loading it unverified", flush=True)
+        return {}
+    return man
+
+
+# ----------------------------------------------------------------------------- settings
+
+def run_settings(engine, world_size: Optional[int] = None) -> Dict[str, Any]:
+    """What a checkpoint can only be resumed under: ZeRO stage, precision, world size."""
+    if engine.bfloat16_enabled():
+        precision = "bf16"
+    elif engine.fp16_enabled():
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    return {"zero_stage": int(engine.zero_optimization_stage()), "precision": precision,
+            "world_size": int(world_size if world_size is not None else _world())}
+
+
+def ds_settings(ds_config: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """:func:`run_settings` as a DeepSpeed config asks for them (before the engine exists)."""
+    def on(k):
+        return bool((ds_config.get(k) or {}).get("enabled", False))
+    precision = "bf16" if on("bf16") or on("bfloat16") else "fp16" if on("fp16") else "fp32"
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    return {"zero_stage": stage, "precision": precision, "world_size": int(world_size)}
+
+
+def stored_settings(ckpt_dir: str, tag: str) -> Optional[Dict[str, Any]]:
+    """The settings in a tag's manifest (None: no readable manifest)."""
+    try:
+        man = read_manifest(os.path.join(ckpt_dir, tag))
+    except CheckpointError:
+        return None
+    return (man or {}).get("settings")
+
+
+def check_settings(stored: Dict[str, Any], requested: Dict[str, Any], ckpt_dir: str,
+                   tag: str) -> None:
+    """Refuse to resume a checkpoint under other ZeRO stage / precision / world size."""
+    diff = [k for k in SETTINGS_KEYS if k in stored and stored[k] != requested.get(k)]
+    if not diff:
+        return
+
+    def fmt(d):
+        return ", ".join(f"{k}={d.get(k)}" for k in SETTINGS_KEYS)
+    flags = " ".join(f"--{k} {stored[k]}" for k in ("zero_stage", "precision") if k in diff)
+    ws = f" on {stored['world_size']} processes" if "world_size" in diff else ""
+    raise CheckpointError(
+        f"checkpoint {os.path.join(ckpt_dir, tag)} was saved with {fmt(stored)}; this run has "
+        f"{fmt(requested)} (different: {', '.join(diff)}). DeepSpeed cannot load its "
+        f"optimizer state under other settings. Resume with the stored settings "
+        f"({(flags + ws).strip()}), or export the weights (python -m uniter_fast.export to-pt "
+        f"{ckpt_dir} model.pt --tag {tag}) and start a new run from them (\"checkpoint\": "
+        "\"model.pt\" in the training config; optimizer state and data position start afresh).")
+
+
+def param_group_names(model: torch.nn.Module, groups: Sequence[Dict[str, Any]]) -> List[List[str]]:
+    """Parameter names of each optimizer group, in order (lets export find the fp32
+    master copy of each weight in a ZeRO-0 bf16/fp16 checkpoint)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in groups]
+
+
+# ----------------------------------------------------------------------------- output dir
+
+def _has_metrics(out_dir: str) -> bool:
+    p = os.path.join(out_dir, METRICS_FILE)
+    return os.path.isfile(p) and os.path.getsize(p) > 0
+
+
+def check_output_dir(out_dir: str, resume: bool, resume_tag: Optional[str] = None
+                     ) -> Optional[str]:
+    """The tag to resume from (``None``: a fresh run), or :class:`CheckpointError`.
+
+    Without ``resume`` an output dir holding any trace of a run (``ckpt/latest``,
+    a checkpoint directory, a non-empty ``metrics.jsonl``) is refused.  With it,
+    there must be something to resume: ``resume_tag``, else what ``latest``
+    names; tag directories without ``latest`` are refused with the newest
+    intact one named.  Reads only; safe to call on every rank.
+    """
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    tags = list_tags(ckpt_dir)
+    has_latest = os.path.exists(os.path.join(ckpt_dir, LATEST))
+    if not resume and resume_tag is None:
+        found = ([f"{ckpt_dir}/{LATEST}"] if has_latest else []) + \
+                ([f"checkpoint directories {tags[:4]}"] if tags else []) + \
+                ([os.path.join(out_dir, METRICS_FILE)] if _has_metrics(out_dir) else [])
+        if found:
+            raise CheckpointError(f"output dir {out_dir} already holds a run "
+                                  f"({', '.join(found)}): pass --resume to continue it, or "
+                                  "choose another --output_dir")
+        return None
+    if resume_tag is not None:
+        if resume_tag not in tags:
+            raise CheckpointError(f"--resume_tag {resume_tag}: no such checkpoint directory in "
+                                  f"{ckpt_dir} (present: {tags[:8]})")
+        return resume_tag
+    if has_latest:
+        return read_latest(ckpt_dir)
+    if tags:
+        raise CheckpointError(
+            f"--resume: {ckpt_dir} has checkpoint directories {tags[:4]} but no '{LATEST}' "
+            f"file ('latest' is written only after a checkpoint is complete and verified). "
+            + _resume_hint(ckpt_dir, newest_intact_tag(ckpt_dir)))
+    extra = (f" ({os.path.join(out_dir, METRICS_FILE)} exists: that run stopped before its "
+             "first checkpoint; delete the directory or choose another --output_dir)"
+             if _has_metrics(out_dir) else "; run without --resume to start a new run")
+    raise CheckpointError(f"--resume: nothing to resume from: no checkpoint in {ckpt_dir}"
+                          + extra)
+
+
+# ----------------------------------------------------------------------------- save
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _space_check(ckpt_dir: str) -> Optional[str]:
+    """A message when the filesystem clearly lacks room for one more checkpoint
+    (estimated from the size of the one ``latest`` names)."""
+    try:
+        prev = read_latest(ckpt_dir)
+        man = read_manifest(os.path.join(ckpt_dir, prev)) if prev else None
+    except CheckpointError:
+        return None
+    if not man:
+        return None
+    need = sum(int(f.get("size", 0)) for f in man["files"].values())
+    free = _free_bytes(ckpt_dir)
+    if free < need * 1.05:
+        return (f"not enough disk space in {ckpt_dir} for the next checkpoint: about "
+                f"{_mib(need)} needed (the size of {prev}), {_mib(free)} free. 'latest' still "
+                f"names {prev}, which is intact: free space (or lower keep_checkpoints) and "
+                "resume with --resume.")
+    return None
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2,
+         settings: Optional[Dict[str, Any]] = None) -> str:
+    """Save on all ranks, write the manifest, then publish it as ``latest``; keep the
+    ``keep`` newest complete checkpoints.  Collective: call on every rank."""
     tag = tag_for_step(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    rank, world = _rank(), _world()
+    settings = dict(settings or run_settings(engine, world))
+    os.makedirs(ckpt_dir, exist_ok=True)
+    msg = None
+    if rank == 0:
+        try:
+            latest = read_latest(ckpt_dir)
+        except CheckpointError:
+            latest = None           # garbage 'latest': replaced below once this save is done
+        if latest == tag:
+            msg = (f"refusing to overwrite {tag_dir}: 'latest' names it (saving the same step "
+                   "twice)")
+        elif os.path.isdir(tag_dir):
+            # a stale partial save (or an abandoned timeline after --resume_tag)
+            shutil.rmtree(tag_dir)
+        msg = msg or _space_check(ckpt_dir)
+    _raise_if_any(_all_gather(msg), CheckpointSaveError)   # also the barrier after rmtree
+
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        free = _free_bytes(ckpt_dir)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        hint = "the disk is full" if full else \
+            "a full disk shows up as 'unexpected pos' or 'file write failed'"
+        raise CheckpointSaveError(
+            f"saving checkpoint {tag_dir} failed on rank {rank}: {type(e).__name__}: "
+            f"{str(e).strip()[:300]} ({hint}; {_mib(free)} free now). "
+            f"'latest' still names {_safe_latest(ckpt_dir)}, which is intact; the partial "
+            f"{tag} is not referenced. Free space and resume with --resume.") from e
     _barrier()
-    if _rank() == 0:
+
+    # every rank fsyncs + checksums a share of the tag's files; rank 0 writes the manifest
+    files = _tag_files(tag_dir)
+    mine = {rel: checksum_file(os.path.join(tag_dir, rel), fsync=True)
+            for rel in files[rank::world]}
+    entries: Dict[str, Dict[str, int]] = {}
+    for part in _all_gather(mine):
+        for rel, (size, crc) in part.items():
+            entries[rel] = {"size": size, CHECKSUM: crc}
+    if rank == 0:
+        import deepspeed
+        manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": int(step),
+                    "checksum": CHECKSUM, "settings": settings,
+                    "deepspeed": deepspeed.__version__, "torch": torch.__version__,
+                    "time": time.time(), "files": entries}
+        _atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
         write_latest(ckpt_dir, tag)
         if keep > 0:
-            steps = sorted(s for s in (_step_of(t) for t in os.listdir(ckpt_dir)) if s is not None)
-            for s in steps:
-                # drop older complete checkpoints and stale partial ones beyond the latest
-                if s < step and s not in steps[-keep:]:
-                    shutil.rmtree(os.path.join(ckpt_dir, tag_for_step(s)), ignore_errors=True)
+            _prune(ckpt_dir, step, keep)
     _barrier()
     return tag
 
 
-def load_latest(engine, ckpt_dir: str) -> Tuple[Optional[str], Dict[str, Any]]:
-    """Load the checkpoint ``latest`` names; ``(None, {})`` when there is none."""
-    tag = read_latest(ckpt_dir)
-    if tag is None:
-        return None, {}
+def _safe_latest(ckpt_dir: str) -> Optional[str]:
+    try:
+        return read_latest(ckpt_dir)
+    except CheckpointError:
+        return None
+
+
+def _prune(ckpt_dir: str, step: int, keep: int) -> None:
+    """Keep the ``keep`` newest complete tags up to ``step``; drop older ones and older
+    partial ones.  Newer tags (an abandoned timeline after --resume_tag) are left."""
+    older = [(s, t) for t in list_tags(ckpt_dir)
+             if (s := _step_of(t)) is not None and s <= step]
+    complete = [x for x in older if os.path.exists(os.path.join(ckpt_dir, x[1], MANIFEST))]
+    kept = {t for _, t in sorted(complete, reverse=True)[:keep]}
+    for s, t in older:
+        if t not in kept and s < step:
+            shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+def load(engine, ckpt_dir: str, tag: str, settings: Optional[Dict[str, Any]] = None
+         ) -> Dict[str, Any]:
+    """Verify ``tag`` (manifest), check its settings, then load it; returns the client
+    state.  Collective: call on every rank."""
+    man = _verify_collective(ckpt_dir, tag)
+    if man.get("settings"):
+        check_settings(man["settings"], settings or run_settings(engine), ckpt_dir, tag)
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
     # DeepSpeed restores the scheduler's position but not the learning rate it had
     # written into the optimizer: re-apply it, or the first resumed step uses the
     # initial (warmup) lr and the run drifts from an uninterrupted one
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and hasattr(sched, "last_batch_iteration"):
         sched.step(sched.last_batch_iteration)
-    return tag, client_state or {}
+    return client_state or {}
+
+
+def load_latest(engine, ckpt_dir: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """Load (verified) the checkpoint ``latest`` names; ``(None, {})`` when there is none."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None, {}
+    return tag, load(engine, ckpt_dir, tag)

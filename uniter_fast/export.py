@@ -6,8 +6,13 @@
 
 ``to-pt`` writes an fp32 ``state_dict`` with exactly the original UNITER key
 names (both tied weights present), loadable by the original code's
-``UniterForPretraining`` with ``strict=True``.  ZeRO-1/2/3 checkpoints are
-consolidated from their fp32 partitions; ZeRO-0 from the module weights.
+``UniterForPretraining`` with ``strict=True``.  It always exports the fp32
+master weights: ZeRO-1/2/3 checkpoints are consolidated from their fp32
+partitions, ZeRO-0 bf16/fp16 ones from the optimizer's fp32 copy, ZeRO-0 fp32
+ones from the module.  The tag's manifest is verified first; a tag that lacks
+a file (e.g. a save killed between DeepSpeed's writes) or whose masters cannot
+be found is refused -- never a silent bf16 export (``--allow_module_weights``
+exports the half-precision module weights on purpose).
 
 ``from-pt`` builds a single-process DeepSpeed checkpoint (tag
 ``global_step0``) from a state dict; continue it with ``train.py --resume``
@@ -20,7 +25,7 @@ import argparse
 import glob
 import os
 import sys
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -40,31 +45,162 @@ def _fill_tied(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def consolidate(ckpt_dir: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """fp32 state dict of a DeepSpeed checkpoint (any ZeRO stage)."""
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported without losing precision (or at all)."""
+
+
+def _intact_hint(ckpt_dir: str, tag: str) -> str:
+    good = ckpt_lib.newest_intact_tag(ckpt_dir, exclude=(tag,))
+    return (f" The newest intact tag is {good}: pass --tag {good}." if good else
+            " No intact tag is left in this directory.")
+
+
+def _model_states_file(tag_dir: str) -> str:
+    for pat in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(tag_dir, pat)
+        if os.path.exists(path):
+            return path
+    raise ExportError(f"{tag_dir} holds no DeepSpeed model states "
+                      "(mp_rank_00_model_states.pt or zero_pp_rank_0_mp_rank_00_model_states.pt)")
+
+
+def _stage_and_precision(state: Dict[str, Any]):
+    ds = state.get("ds_config") or {}
+
+    def on(k):
+        return bool((ds.get(k) or {}).get("enabled", False))
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    return stage, ("bf16" if on("bf16") or on("bfloat16") else "fp16" if on("fp16") else "fp32")
+
+
+def _missing_zero_files(tag_dir: str, stage: int, world: int) -> List[str]:
+    missing = []
+    for r in range(world):
+        if not glob.glob(os.path.join(tag_dir, f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
+            missing.append(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        if stage == 3 and not os.path.exists(
+                os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")):
+            missing.append(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+    return missing
+
+
+def _zero0_masters(state: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
+    """fp32 master weights of a ZeRO-0 bf16/fp16 checkpoint, by parameter name, each
+    checked to round to the stored module weight."""
+    opt = state.get("optimizer") or {}
+    names = state.get("param_group_names")
+    if names is None:
+        raise ExportError(f"{where}: no parameter-group names stored (a checkpoint written by "
+                          "an older version), so its fp32 master weights cannot be matched "
+                          "to names (--allow_module_weights exports the half-precision module "
+                          "weights instead)")
+    groups = opt.get("fp32_groups")
+    if groups is None and opt.get("fp32_groups_flat") is not None:
+        module = state["module"]
+        groups = []
+        for flat, ns in zip(opt["fp32_groups_flat"], names):
+            parts, off = [], 0
+            for n in ns:
+                k = module[n].numel()
+                parts.append(flat[off:off + k].view_as(module[n]))
+                off += k
+            groups.append(parts)
+    if groups is None or len(groups) != len(names):
+        raise ExportError(f"{where}: the optimizer state holds no fp32 master copy matching "
+                          f"the {len(names)} parameter groups")
+    module, out = state["module"], {}
+    for ts, ns in zip(groups, names):
+        if len(ts) != len(ns):
+            raise ExportError(f"{where}: fp32 master group of {len(ts)} tensors for "
+                              f"{len(ns)} parameter names")
+        for t, n in zip(ts, ns):
+            w = module.get(n)
+            if w is None or tuple(t.shape) != tuple(w.shape) or \
+                    not torch.equal(t.to(w.dtype), w):
+                raise ExportError(f"{where}: the fp32 master copy of {n} does not match its "
+                                  "module weight; refusing to export")
+            out[n] = t.float()
+    return out
+
+
+def consolidate(ckpt_dir: str, tag: Optional[str] = None,
+                allow_module_weights: bool = False, fill_tied: bool = True
+                ) -> Dict[str, torch.Tensor]:
+    """fp32 (master) state dict of a DeepSpeed checkpoint (any ZeRO stage), verified.
+    ``fill_tied``: add the pretraining model's tied weights (not for fine-tuning models)."""
     tag = tag or ckpt_lib.read_latest(ckpt_dir)
     if tag is None:
-        raise ValueError(f"{ckpt_dir}: no 'latest' file; pass --tag")
+        tags = ckpt_lib.list_tags(ckpt_dir)
+        raise ExportError(f"{ckpt_dir}: no 'latest' file; pass --tag (present: {tags[:6]})")
     tag_dir = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(tag_dir):
-        raise ValueError(f"checkpoint {tag_dir} does not exist")
-    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")) and \
-            not glob.glob(os.path.join(tag_dir, "mp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        raise ExportError(f"checkpoint {tag_dir} does not exist (present: "
+                          f"{ckpt_lib.list_tags(ckpt_dir)[:6]})")
+    problems = ckpt_lib.verify_tag(tag_dir)
+    if problems and ckpt_lib.read_manifest(tag_dir) is not None:
+        raise ExportError(f"checkpoint {tag_dir} is damaged: {'; '.join(problems[:4])}."
+                          + _intact_hint(ckpt_dir, tag))
+    if problems:
+        print(f"warning: {tag_dir} has no {ckpt_lib.MANIFEST}: not verified", file=sys.stderr)
+    mfile = _model_states_file(tag_dir)
+    state = torch.load(mfile, map_location="cpu", weights_only=False)
+    stage, precision = _stage_and_precision(state)
+    world = int(state.get("dp_world_size") or 1)
+    where = f"checkpoint {tag_dir} (ZeRO-{stage}, {precision})"
+    module = state["module"]
+    if stage >= 1:
+        missing = _missing_zero_files(tag_dir, stage, world)
+        if missing and not allow_module_weights:
+            raise ExportError(
+                f"{where} lacks {missing} (a save interrupted between DeepSpeed's writes?): "
+                f"its fp32 master weights are not all there, and exporting the {precision} "
+                "module weights instead would lose precision; refusing."
+                + _intact_hint(ckpt_dir, tag) + " (--allow_module_weights exports the module "
+                "weights anyway)")
+        if not missing:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        elif stage == 3:
+            raise ExportError(f"{where} lacks {missing}: ZeRO-3 module weights are partitioned "
+                              "over those files; cannot export")
+        else:
+            sd = dict(module)
+    elif precision == "fp32" or allow_module_weights:
+        sd = dict(module)
     else:
-        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
-        if not files:
-            raise ValueError(f"{tag_dir} holds no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
-        sd = state["module"]
+        sd = dict(module)
+        masters = _zero0_masters(state, where)
+        sd.update(masters)
+        # a tied weight is one parameter (one master) under two keys; torch.save kept the
+        # two module entries on one storage, which finds the alias
+        by_ptr = {(module[n].data_ptr(), tuple(module[n].shape)): n for n in masters}
+        buffers = set(state.get("buffer_names") or ())
+        left = []
+        for k, v in module.items():
+            if k in masters or k in buffers or not v.is_floating_point():
+                continue
+            src = by_ptr.get((v.data_ptr(), tuple(v.shape)))
+            if src is None:
+                left.append(k)
+            else:
+                sd[k] = masters[src]
+        if left:
+            raise ExportError(f"{where}: no fp32 master copy of {left[:5]}; refusing")
+    if allow_module_weights and precision != "fp32":
+        print(f"warning: exporting the {precision} module weights of {tag_dir} "
+              "(--allow_module_weights), not fp32 master weights", file=sys.stderr)
     sd = {k: (v.float() if v.is_floating_point() else v).detach().clone().contiguous()
           for k, v in sd.items()}
-    return _fill_tied(sd)
+    return _fill_tied(sd) if fill_tied else sd
 
 
-def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    sd = consolidate(ckpt_dir, tag)
+def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
+          allow_module_weights: bool = False, task: Optional[str] = None
+          ) -> Dict[str, torch.Tensor]:
+    """``task``: None / "pretrain" (the tied weights are filled in) or a fine-tuning task
+    (vqa, ve, nlvr2: the state dict of its model, exactly the original's keys)."""
+    sd = consolidate(ckpt_dir, tag, allow_module_weights,
+                     fill_tied=task in (None, "pretrain"))
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"checkpoint weight {k} contains NaN or inf; refusing to export")
@@ -87,6 +223,11 @@ def from_pt(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
     targs = train.build_arg_parser().parse_args(args)
     cfg, ds = train.load_configs(targs)
     cfg["checkpoint"] = None
+    # never over an existing checkpoint (a tag dir without 'latest' included)
+    tags = ckpt_lib.list_tags(ckpt_dir)
+    if tags or os.path.exists(os.path.join(ckpt_dir, ckpt_lib.LATEST)):
+        raise ValueError(f"{ckpt_dir} already holds a checkpoint ({tags[:4]}); choose a new "
+                         "directory")
     train.init_distributed()
     import deepspeed
     import torch.distributed as dist
@@ -102,13 +243,14 @@ def from_pt(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
                          f"unexpected {sorted(unexpected)}")
     model.load_state_dict(sd, strict=True)
     wd = ds.get("optimizer", {}).get("params", {}).get("weight_decay", 0.01)
-    engine, _, _, _ = deepspeed.initialize(model=model,
-                                           model_parameters=train.param_groups(model, wd),
-                                           config=ds)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    if ckpt_lib.read_latest(ckpt_dir) is not None:
-        raise ValueError(f"{ckpt_dir} already holds a checkpoint")
-    return ckpt_lib.save(engine, ckpt_dir, 0, {"global_step": 0, "data": None, "rng": None})
+    groups = train.param_groups(model, wd)
+    names = ckpt_lib.param_group_names(model, groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    settings = ckpt_lib.run_settings(engine, 1)
+    return ckpt_lib.save(engine, ckpt_dir, 0, {"global_step": 0, "data": None, "rng": None,
+                                               "settings": settings,
+                                               "param_group_names": names},
+                         settings=settings)
 
 
 def main(argv=None) -> int:
@@ -118,6 +260,9 @@ def main(argv=None) -> int:
     a.add_argument("ckpt_dir")
     a.add_argument("out")
     a.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    a.add_argument("--allow_module_weights", action="store_true",
+                   help="export the bf16/fp16 module weights when the fp32 masters are missing "
+                        "(lossy; without it such a tag is refused)")
     b = sub.add_parser("from-pt", help="plain state dict (.pt) -> DeepSpeed checkpoint dir")
     b.add_argument("pt")
     b.add_argument("ckpt_dir")
@@ -125,7 +270,7 @@ def main(argv=None) -> int:
     b.add_argument("--deepspeed_config", default=None)
     args = p.parse_args(argv)
     if args.cmd == "to-pt":
-        sd = to_pt(args.ckpt_dir, args.out, args.tag)
+        sd = to_pt(args.ckpt_dir, args.out, args.tag, args.allow_module_weights)
         print(f"wrote {args.out}: {len(sd)} tensors, "
               f"{sum(v.numel() for v in sd.values())} values")
     else:

@@ -1,16 +1,19 @@
 """The trainer: one loop for every task.
 
-Owns the output directory (refuses to overwrite a run without ``--resume``),
-seeds, the DeepSpeed engine, gradient accumulation, logging, validation
-scheduling, checkpoints (crash-safe ``latest``, see :mod:`uniter_fast.checkpoint`)
-and exact resume (data position, Python/NumPy/torch RNG, optimizer and
-scheduler state).
+Owns the output directory (refuses to overwrite a run without ``--resume``,
+and refuses ``--resume`` with nothing to resume), seeds, the DeepSpeed engine,
+gradient accumulation, logging, validation scheduling, checkpoints (verified,
+crash-safe ``latest``, see :mod:`uniter_fast.checkpoint`), exact resume (data
+position, Python/NumPy/torch RNG, optimizer and scheduler state; the metrics
+file is rewound to the resumed step) and a checkpoint on SIGINT/SIGTERM (see
+:mod:`.signals`).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
 import time
 import zlib
 from collections import defaultdict
@@ -18,13 +21,15 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import checkpoint as ckpt_lib
 from ..data import move_to_device
 from .config import build_arg_parser, load_configs
 from .distributed import barrier, init_distributed, setup_device
 from .engine import create_engine, full_state_dict
-from .metrics import MetricsWriter, RunningMean, progress_bar
+from .metrics import MetricsWriter, RunningMean, progress_bar, rewind_jsonl
+from .signals import StopRequest
 from .task import RunContext, TrainTask
 
 __all__ = ["Trainer", "set_seed"]
@@ -59,19 +64,27 @@ class Trainer:
     def setup(self, argv: Optional[List[str]] = None) -> None:
         task = self.task
         self.args = args = self.parser.parse_args(argv)
-        self.cfg, self.ds_config = load_configs(args, required=task.required_keys)
+        self.cfg, self.ds_config = load_configs(args, required=task.required_keys,
+                                                known_keys=task.known_keys)
         task.configure(self.cfg, self.ds_config, args)
         cfg = self.cfg
-        self.rank, self.world_size, acc = init_distributed()
-        self.device = setup_device(acc, args.local_rank, self.world_size)
         self.out_dir = cfg["output_dir"]
         self.ckpt_dir = os.path.join(self.out_dir, "ckpt")
+        # before anything starts: every rank reads the (shared) dir, so every rank stops
+        # with the same message -- an existing run without --resume, nothing to resume,
+        # a checkpoint of another ZeRO stage / precision / world size
+        self.resume_tag = ckpt_lib.check_output_dir(self.out_dir, args.resume, args.resume_tag)
+        if self.resume_tag is not None:
+            stored = ckpt_lib.stored_settings(self.ckpt_dir, self.resume_tag)
+            if stored:
+                world = int(os.environ.get("WORLD_SIZE", "1"))    # set by every launcher
+                ckpt_lib.check_settings(stored, ckpt_lib.ds_settings(self.ds_config, world),
+                                        self.ckpt_dir, self.resume_tag)
+        self.rank, self.world_size, acc = init_distributed()
+        self.device = setup_device(acc, args.local_rank, self.world_size)
+        barrier()
         if self.rank == 0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            if not args.resume and ckpt_lib.read_latest(self.ckpt_dir) is not None:
-                raise ValueError(f"{self.ckpt_dir} already holds a checkpoint: pass --resume to "
-                                 "continue it, or choose another --output_dir")
-        barrier()
         self.seed = int(cfg.get("seed", 42))
         set_seed(self.seed + self.rank)
 
@@ -90,8 +103,10 @@ class Trainer:
         # model + engine
         torch.manual_seed(self.seed)     # same initial weights on every rank
         model = task.build_model(cfg, self.meta)
-        self.engine = create_engine(model, task.param_groups(model, cfg, self.ds_config),
-                                    self.ds_config)
+        groups = task.param_groups(model, cfg, self.ds_config)
+        self.group_names = ckpt_lib.param_group_names(model, groups)
+        self.engine = create_engine(model, groups, self.ds_config)
+        self.settings = ckpt_lib.run_settings(self.engine, self.world_size)
         self.fp16 = self.engine.fp16_enabled()
         set_seed(self.seed + self.rank)
         self.ctx = RunContext(self.device, self.rank, self.world_size, self.zero_stage,
@@ -99,8 +114,10 @@ class Trainer:
 
         self.global_step = 0
         self.resumed = False
-        if args.resume:
-            self._resume()
+        self.dropped_records = 0
+        self.saved_step: Optional[int] = None
+        if self.resume_tag is not None:
+            self._resume(self.resume_tag)
         if self.rank == 0:
             with open(os.path.join(self.out_dir, "train_config.json"), "w") as f:
                 json.dump(cfg, f, indent=1)
@@ -112,24 +129,48 @@ class Trainer:
                                                    f"metrics_rank{self.rank}.jsonl")
                                       if args.debug_rank_files else None)
 
-    def _resume(self) -> None:
-        tag, client = ckpt_lib.load_latest(self.engine, self.ckpt_dir)
-        if tag is None:
-            return
-        self.global_step = int(client["global_step"])
+    def _resume(self, tag: str) -> None:
+        """Load ``tag`` (verified, settings checked), then make ``latest`` name it and
+        rewind the metrics files to its step, so the run reads as one."""
+        client = ckpt_lib.load(self.engine, self.ckpt_dir, tag, self.settings)
+        self.global_step = int(client.get("global_step", 0))
         self.resumed = self.global_step > 0
         if client.get("data") is not None:      # None: made by export from-pt
             self.train_loader.load_state_dict(client["data"])
         if client.get("rng") is not None:
             _set_rng_state(client["rng"])
+        step = self.global_step
+        if self.rank == 0:
+            if ckpt_lib.read_latest(self.ckpt_dir) != tag:     # --resume_tag
+                ckpt_lib.write_latest(self.ckpt_dir, tag)
+            self.dropped_records = rewind_jsonl(
+                os.path.join(self.out_dir, ckpt_lib.METRICS_FILE),
+                lambda r: r.get("step") is None or int(r["step"]) <= step)
+        # per-rank debug files count the step being computed (records before the step)
+        rewind_jsonl(os.path.join(self.out_dir, f"metrics_rank{self.rank}.jsonl"),
+                     lambda r: r.get("step") is None or int(r["step"]) < step)
+        barrier()
 
     def client_state(self) -> Dict[str, Any]:
         return {"global_step": self.global_step, "data": self.train_loader.state_dict(),
-                "rng": _rng_state(), "task": self.task.name}
+                "rng": _rng_state(), "task": self.task.name, "settings": self.settings,
+                "param_group_names": self.group_names}
 
     def save(self) -> str:
-        return ckpt_lib.save(self.engine, self.ckpt_dir, self.global_step, self.client_state(),
-                             keep=int(self.cfg.get("keep_checkpoints", 2)))
+        tag = ckpt_lib.save(self.engine, self.ckpt_dir, self.global_step, self.client_state(),
+                            keep=int(self.cfg.get("keep_checkpoints", 2)),
+                            settings=self.settings)
+        self.saved_step = self.global_step
+        return tag
+
+    def _stop_signal(self, stop: StopRequest) -> int:
+        """The stop signal any rank received (0: none); every rank gets the same answer."""
+        flag = int(stop.signum or 0)
+        if self.world_size > 1:
+            t = torch.tensor([flag], dtype=torch.int32, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
 
     def validate(self) -> Dict[str, float]:
         self.engine.eval()
@@ -142,6 +183,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self, argv: Optional[List[str]] = None) -> Dict[str, Any]:
         self.setup(argv)
+        stop = StopRequest()
+        stop.install()
+        try:
+            return self._run(stop)
+        finally:
+            stop.restore()
+
+    def _run(self, stop: StopRequest) -> Dict[str, Any]:
         task, cfg, engine, args = self.task, self.cfg, self.engine, self.args
         log = self.log
         n_steps = int(cfg["num_train_steps"])
@@ -155,7 +204,10 @@ class Trainer:
         log({"event": "start", "step": self.global_step, "task": task.name,
              "world_size": self.world_size, "zero_stage": self.zero_stage,
              "dtype": str(next(engine.module.parameters()).dtype),
-             "device": str(self.device), "resumed": self.resumed})
+             "device": str(self.device), "resumed": self.resumed,
+             **({"resumed_from": self.resume_tag, "dropped_records": self.dropped_records}
+                if self.resume_tag is not None else {})})
+        self.saved_step = self.global_step if self.resume_tag is not None else None
 
         t_start = time.time()
         t_last, tok_acc, ex_acc = time.time(), 0, 0
@@ -217,6 +269,22 @@ class Trainer:
                                ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_val.items())))
             if step % save_steps == 0 or step == n_steps:
                 self.save()
+            signum = self._stop_signal(stop)
+            if signum:
+                if self.saved_step != step:
+                    self.save()
+                rec = {"event": "interrupted", "step": step,
+                       "signal": signal.Signals(signum).name,
+                       "checkpoint": ckpt_lib.tag_for_step(step)}
+                log(rec)
+                if pbar is not None:
+                    pbar.close()
+                log.close()
+                if self.rank_log.path:
+                    self.rank_log.close()
+                if self.rank == 0:
+                    print(json.dumps(rec), flush=True)
+                raise SystemExit(128 + signum)
         if pbar is not None:
             pbar.close()
         if self.rank_log.path:

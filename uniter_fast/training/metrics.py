@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+import os
+from typing import Any, Callable, Dict, Optional
 
-__all__ = ["RunningMean", "MetricsWriter", "progress_bar"]
+__all__ = ["RunningMean", "MetricsWriter", "progress_bar", "rewind_jsonl"]
 
 
 class RunningMean:
@@ -40,3 +41,36 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+def rewind_jsonl(path: str, keep: Callable[[Dict[str, Any]], bool]) -> int:
+    """Rewrite a JSON-lines file atomically with only the records ``keep`` accepts
+    (used on resume: records past the resumed step belong to the interrupted
+    run).  Dropped lines -- also a line cut short by a kill -- are appended to
+    ``<name>.discarded.jsonl`` next to it.  Returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], []
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and keep(rec)
+            except (ValueError, TypeError):
+                ok = False
+            (kept if ok else dropped).append(line)
+    if not dropped:
+        return 0
+    root, ext = os.path.splitext(path)
+    with open(f"{root}.discarded{ext}", "a", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in dropped))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(dropped)
