@@ -14,6 +14,11 @@ a file (e.g. a save killed between DeepSpeed's writes) or whose masters cannot
 be found is refused -- never a silent bf16 export (``--allow_module_weights``
 exports the half-precision module weights on purpose).
 
+``--task vqa|ve|nlvr2`` (both directions) handles a fine-tuned model instead: ``to-pt``
+writes exactly the task model's keys (the original's ``UniterForVisualQuestionAnswering``
+etc. load it with ``strict=True``; checked against the run's ``train_config.json``),
+``from-pt`` builds the task model from ``--config`` (continue with ``finetune.py --resume``).
+
 ``from-pt`` builds a single-process DeepSpeed checkpoint (tag
 ``global_step0``) from a state dict; continue it with ``train.py --resume``
 at world size 1.  To start multi-rank training from a .pt file, set the
@@ -201,6 +206,9 @@ def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     (vqa, ve, nlvr2: the state dict of its model, exactly the original's keys)."""
     sd = consolidate(ckpt_dir, tag, allow_module_weights,
                      fill_tied=task in (None, "pretrain"))
+    if task not in (None, "pretrain"):
+        from .training.finetune import check_task_state_dict
+        check_task_state_dict(task, sd, ckpt_dir)
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"checkpoint weight {k} contains NaN or inf; refusing to export")
@@ -211,8 +219,12 @@ def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
 
 
 def from_pt(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
-            deepspeed_config: Optional[str] = None) -> str:
-    """Write a world-size-1 DeepSpeed checkpoint holding the weights of ``pt_path``."""
+            deepspeed_config: Optional[str] = None, task: Optional[str] = None) -> str:
+    """Write a world-size-1 DeepSpeed checkpoint holding the weights of ``pt_path``
+    (``task``: a fine-tuning task's model, see ``checkpoint_from_state_dict``)."""
+    if task not in (None, "pretrain"):
+        from .training.finetune import checkpoint_from_state_dict
+        return checkpoint_from_state_dict(task, pt_path, ckpt_dir, config, deepspeed_config)
     from . import train
     args = ["--output_dir", os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))),
             "--num_train_steps", "1"]
@@ -263,18 +275,25 @@ def main(argv=None) -> int:
     a.add_argument("--allow_module_weights", action="store_true",
                    help="export the bf16/fp16 module weights when the fp32 masters are missing "
                         "(lossy; without it such a tag is refused)")
+    tasks = ("pretrain", "vqa", "ve", "nlvr2")
+    a.add_argument("--task", choices=tasks, default="pretrain",
+                   help="the model the checkpoint holds (fine-tuning: its own keys, no "
+                        "pretraining tied weights)")
     b = sub.add_parser("from-pt", help="plain state dict (.pt) -> DeepSpeed checkpoint dir")
+    b.add_argument("--task", choices=tasks, default="pretrain",
+                   help="the model to build (fine-tuning tasks: from --config, default the "
+                        "task's synthetic config)")
     b.add_argument("pt")
     b.add_argument("ckpt_dir")
     b.add_argument("--config", default=None, help="training config (model_config etc.)")
     b.add_argument("--deepspeed_config", default=None)
     args = p.parse_args(argv)
     if args.cmd == "to-pt":
-        sd = to_pt(args.ckpt_dir, args.out, args.tag, args.allow_module_weights)
+        sd = to_pt(args.ckpt_dir, args.out, args.tag, args.allow_module_weights, args.task)
         print(f"wrote {args.out}: {len(sd)} tensors, "
               f"{sum(v.numel() for v in sd.values())} values")
     else:
-        tag = from_pt(args.pt, args.ckpt_dir, args.config, args.deepspeed_config)
+        tag = from_pt(args.pt, args.ckpt_dir, args.config, args.deepspeed_config, args.task)
         print(f"wrote {args.ckpt_dir}/{tag}")
     return 0
 

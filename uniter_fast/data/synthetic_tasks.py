@@ -142,9 +142,10 @@ class TaskSpec:
                              "annotator_accuracy in (0, 1]")
 
     def key(self, world: SyntheticSpec) -> str:
+        # the vocabulary too: its ids are the pretraining model's, whatever changes them
         blob = json.dumps({"v": TASK_FORMAT_VERSION, "world_v": FORMAT_VERSION,
-                           "task": dataclasses.asdict(self), "world": dataclasses.asdict(world)},
-                          sort_keys=True)
+                           "task": dataclasses.asdict(self), "world": dataclasses.asdict(world),
+                           "vocab": task_vocab(world)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

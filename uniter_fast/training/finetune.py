@@ -760,3 +760,90 @@ def make_task(name: str) -> FinetuneTask:
         raise ValueError(f"unknown fine-tuning task {name!r}; expected one of {TASK_NAMES}")
     return _TASKS[name]()
 
+
+
+# ----------------------------------------------------------------------------- export
+
+def _run_config(ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))),
+                        "train_config.json")
+    return read_json(path, "training config") if os.path.exists(path) else None
+
+
+def _vqa_num_answer(cfg: Dict[str, Any], ckpt_dir: Optional[str] = None) -> int:
+    from ..data.vqa import load_ans2label
+    path = os.path.join(ckpt_dir, "ans2label.json") if ckpt_dir else None
+    if path and os.path.exists(path):
+        return len(load_ans2label(path))
+    return len(load_ans2label(cfg.get("ans2label")))
+
+
+def check_task_state_dict(task: str, sd: Dict[str, torch.Tensor], ckpt_dir: str) -> None:
+    """When the run's ``train_config.json`` sits beside ``ckpt_dir``: ``sd`` must have
+    exactly the keys and shapes of that run's task model (the original's keys)."""
+    cfg = _run_config(ckpt_dir)
+    if cfg is None:
+        return
+    model = build_finetune_model(task, cfg, None,
+                                 _vqa_num_answer(cfg, ckpt_dir) if task == "vqa" else None)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise ValueError(f"{ckpt_dir}: the weights do not fit {type(model).__name__} of the "
+                         f"run's config: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+                         f"shape mismatch {bad[:6]} (wrong --task?)")
+
+
+def checkpoint_from_state_dict(task_name: str, pt_path: str, ckpt_dir: str,
+                               config: Optional[str] = None,
+                               deepspeed_config: Optional[str] = None) -> str:
+    """A world-size-1 DeepSpeed checkpoint (tag ``global_step0``) of a fine-tuning model
+    holding the weights of ``pt_path`` (every key must match), built as ``finetune.py``
+    builds it from the training config ``config`` (default: the task's synthetic one);
+    continue it with ``finetune.py --task ... --output_dir <parent of ckpt_dir> --resume``."""
+    from .. import checkpoint as ckpt_lib
+    from .config import build_arg_parser, load_configs
+    from .distributed import init_distributed
+    from .engine import create_engine
+    task = make_task(task_name)
+    p = build_arg_parser(DESCRIPTION, default_config(task_name), CLI_OVERRIDES)
+    argv = ["--output_dir", os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))),
+            "--num_train_steps", "1"]
+    if config:
+        argv += ["--config", config]
+    if deepspeed_config:
+        argv += ["--deepspeed_config", deepspeed_config]
+    args = p.parse_args(argv)
+    cfg, ds = load_configs(args, required=task.required_keys, known_keys=task.known_keys)
+    task.configure(cfg, ds, args)
+    cfg["checkpoint"] = None
+    tags = ckpt_lib.list_tags(ckpt_dir)
+    if tags or os.path.exists(os.path.join(ckpt_dir, ckpt_lib.LATEST)):
+        raise ValueError(f"{ckpt_dir} already holds a checkpoint ({tags[:4]}); choose a new "
+                         "directory")
+    init_distributed()
+    import torch.distributed as dist
+    if dist.get_world_size() != 1:
+        raise ValueError("from-pt runs in a single process")
+    num_answer = task.num_answer(cfg)
+    model = build_finetune_model(task_name, cfg, None, num_answer)
+    sd = torch.load(pt_path, map_location="cpu", weights_only=True)
+    own = set(model.state_dict())
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or unexpected:
+        raise ValueError(f"{pt_path} does not match {type(model).__name__}: missing "
+                         f"{missing}, unexpected {unexpected}")
+    model.load_state_dict(sd, strict=True)
+    groups = task.param_groups(model, cfg, ds)
+    names = ckpt_lib.param_group_names(model, groups)
+    engine = create_engine(model, groups, ds)
+    settings = ckpt_lib.run_settings(engine, 1)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if task_name == "vqa":
+        with open(os.path.join(ckpt_dir, "ans2label.json"), "w") as f:
+            json.dump(task.ans2label(cfg), f)
+    return ckpt_lib.save(engine, ckpt_dir, 0, {"global_step": 0, "data": None, "rng": None,
+                                               "task": task_name, "settings": settings,
+                                               "param_group_names": names},
+                         settings=settings)
