@@ -44,6 +44,7 @@ from .training.config import read_json
 from .training.finetune import (
     BUCKET_SIZE,
     NLVR2_MODELS,
+    PART2_TASK_NAMES,
     TASK_NAMES,
     build_finetune_model,
     make_task,
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    if pre.parse_known_args(argv)[0].task in PART2_TASK_NAMES:   # itm, re, vcr: infer2.py
+        from .infer2 import main as main2
+        return main2(argv)
     args = build_parser().parse_args(argv)
     summary = run_inference(args)
     print(json.dumps(summary))

@@ -193,9 +193,10 @@ def _infer_itm(args, cfg, model, device, out_dir) -> Dict[str, Any]:
 
 
 def _infer_re(args, cfg, model, device, out_dir, name) -> Dict[str, Any]:
-    from .data.re import ReEvalDataset, ReTxtTokLmdb, re_eval_collate
+    from .data.re import ReTxtTokLmdb, re_eval_collate
     from .eval.re import re_accuracy, re_eval_batch
-    from .training.finetune2 import ExampleSampler, ReTask, is_gt_db
+    from .training.finetune2 import ExampleSampler, ReTask, _re_datasets, is_gt_db
+    _, ReEvalDataset = _re_datasets()
     gt = is_gt_db(args.img_db, "coco_gt")
     ds = ReEvalDataset(ReTxtTokLmdb(args.txt_db, -1), ReTask()._img(args.img_db, cfg),
                        use_gt_feat=gt)

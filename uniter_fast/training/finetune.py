@@ -60,7 +60,9 @@ __all__ = ["TASK_NAMES", "NLVR2_MODELS", "DESCRIPTION", "FINETUNE_OVERRIDES", "O
            "BUCKET_SIZE"]
 
 DESCRIPTION = "UNITER fine-tuning (VQA, VE, NLVR2) under DeepSpeed."
-TASK_NAMES = ("vqa", "ve", "nlvr2")
+#: fine-tuning part 2 (retrieval, referring expressions, VCR): :mod:`.finetune2`
+PART2_TASK_NAMES = ("itm", "itm-hn", "re", "vcr")
+TASK_NAMES = ("vqa", "ve", "nlvr2") + PART2_TASK_NAMES
 NLVR2_MODELS = ("paired", "triplet", "paired-attn")
 #: UNITER's ``utils/const.py`` BUCKET_SIZE
 BUCKET_SIZE = 8192
@@ -756,6 +758,9 @@ _TASKS = {"vqa": VqaTask, "ve": VeTask, "nlvr2": Nlvr2Task}
 
 
 def make_task(name: str) -> FinetuneTask:
+    if name in PART2_TASK_NAMES:
+        from .finetune2 import make_task2
+        return make_task2(name)
     if name not in _TASKS:
         raise ValueError(f"unknown fine-tuning task {name!r}; expected one of {TASK_NAMES}")
     return _TASKS[name]()

@@ -215,12 +215,6 @@ class _Part2Task(FinetuneTask):
 
     #: which synthetic data the task reads (``itm-hn`` reads ``itm``'s)
     data_task = "itm"
-    #: key of the original script (None: no extra keys)
-    extra_keys: frozenset = frozenset()
-
-    def configure(self, cfg, ds_config, args) -> None:
-        super().configure(cfg, ds_config, args)
-
     def _resolve(self, cfg: Dict[str, Any]) -> None:
         t = self.data_task
         cfg["train_txt_dbs"] = [resolve_synthetic2(p, t, cfg) for p in cfg["train_txt_dbs"]]
@@ -410,6 +404,23 @@ class ItmHnTask(ItmTask):
 
 # ----------------------------------------------------------------------------- RE
 
+def _re_datasets():
+    """ReDataset / ReEvalDataset with ``set_epoch`` (the loaders' interface; the order
+    comes from the sampler, seeded by (seed, epoch), so the datasets' own ``shuffle``
+    is not needed)."""
+    from ..data.re import ReDataset, ReEvalDataset
+
+    class _Train(ReDataset):
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+    class _Eval(ReEvalDataset):
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+    return _Train, _Eval
+
+
 class ReTask(_Part2Task):
     """Referring expressions (``train_re.py``)."""
 
@@ -429,11 +440,9 @@ class ReTask(_Part2Task):
         return _img_db(path, cfg, -1 if gt else cfg.get("conf_th", 0.2),
                        100 if gt else cfg.get("num_bb", 36))
 
-    def prepare_data(self, cfg, rank):
-        super().prepare_data(cfg, rank)
-
     def train_loader(self, cfg, rank, world_size, accum_steps):
-        from ..data.re import ReDataset, ReTxtTokLmdb, re_collate
+        from ..data.re import ReTxtTokLmdb, re_collate
+        ReDataset, _ = _re_datasets()
         seed = int(cfg.get("seed", 42))
         parts = [ReDataset(ReTxtTokLmdb(t, int(cfg.get("max_txt_len", 60))), self._img(i, cfg),
                            rank=rank, world_size=world_size, seed=seed)
@@ -446,7 +455,8 @@ class ReTask(_Part2Task):
         return MetaLoader({self.name: (loader, 1)}, accum_steps=accum_steps, seed=seed)
 
     def val_loaders(self, cfg, rank, world_size):
-        from ..data.re import ReEvalDataset, ReTxtTokLmdb, re_eval_collate
+        from ..data.re import ReTxtTokLmdb, re_eval_collate
+        _, ReEvalDataset = _re_datasets()
         out = {}
         for split in self._splits(cfg):
             path = cfg[f"{split}_img_db"]
