@@ -167,7 +167,9 @@ def test_re_learns_and_infers(env, tmp_path):
 
 def test_vcr_learns_and_writes_the_leaderboard_csv(env, tmp_path):
     out = str(tmp_path / "run")
+    from uniter_fast.data.synthetic_tasks2 import vcr_baselines
     cfg, val, end = _train("vcr", env, out)
+    print("vcr baselines", vcr_baselines(cfg["val_txt_db"]))
     _check_targets("vcr", val, end)
     n = TARGETS["vcr"][0]
     # the test split has no labels: the trainer wrote its CSV and no test metrics
