@@ -20,6 +20,35 @@ DS = os.path.join(ROOT, "ds.json")
 
 pytestmark = pytest.mark.slow
 
+
+def _export_round_trip(task, out, tmp_path, env):
+    """to-pt writes exactly the original's keys and shapes (independent layout), the plain
+    dict loads strictly, and from-pt builds a DeepSpeed checkpoint of the same weights."""
+    import torch
+    from oracle_finetune2 import layout
+
+    from uniter_fast.config import config_path
+    from uniter_fast.model.model import UniterConfig
+    pt = str(tmp_path / f"{task}.pt")
+    _run(["-m", "uniter_fast.export", "to-pt", os.path.join(out, "ckpt"), pt, "--task", task],
+         env)
+    sd = torch.load(pt, weights_only=True)
+    ucfg = UniterConfig.from_json_file(config_path("uniter-tiny"))
+    want = layout(task, ucfg, 2048)
+    assert sorted((k, tuple(v.shape)) for k, v in sd.items()) == sorted(want)
+    from uniter_fast.training.finetune2 import build_part2_model
+    with open(os.path.join(out, "train_config.json")) as f:
+        cfg = json.load(f)
+    build_part2_model(task, dict(cfg, checkpoint_from="pretrain"), None).load_state_dict(
+        sd, strict=True)
+    back = str(tmp_path / "back" / "ckpt")
+    _run(["-m", "uniter_fast.export", "from-pt", pt, back, "--task", task, "--config",
+          os.path.join(out, "train_config.json"), "--deepspeed_config", DS], env)
+    pt2 = str(tmp_path / f"{task}2.pt")
+    _run(["-m", "uniter_fast.export", "to-pt", back, pt2, "--task", task], env)
+    sd2 = torch.load(pt2, weights_only=True)
+    assert sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
 #: task -> (steps, {metric: minimum}); chance: ITM R@1 1/100 (images) and ~0.02 (texts),
 #: RE 1/6 (detected boxes), VCR Q->A 1/4, QA->R 1/4, joint 1/16
 TARGETS = {
@@ -163,6 +192,7 @@ def test_re_learns_and_infers(env, tmp_path):
     with open(os.path.join(out, "results_val", f"results_{n}_all.json")) as f:
         assert sorted(json.load(f), key=lambda p: p["sent_id"]) == \
             sorted(preds, key=lambda p: p["sent_id"])
+    _export_round_trip("re", out, tmp_path, env)
 
 
 def test_vcr_learns_and_writes_the_leaderboard_csv(env, tmp_path):
@@ -197,3 +227,4 @@ def test_vcr_learns_and_writes_the_leaderboard_csv(env, tmp_path):
     assert trained[0] == head and [r[0] for r in trained[1:]] == ids
     for a, b in zip(trained[1:], rows[1:]):
         assert [float(x) for x in a[1:]] == pytest.approx([float(x) for x in b[1:]], abs=1e-4)
+    _export_round_trip("vcr", out, tmp_path, env)

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     a.add_argument("--allow_module_weights", action="store_true",
                    help="export the bf16/fp16 module weights when the fp32 masters are missing "
                         "(lossy; without it such a tag is refused)")
-    tasks = ("pretrain", "vqa", "ve", "nlvr2")
+    tasks = ("pretrain", "vqa", "ve", "nlvr2", "itm", "itm-hn", "re", "vcr")
     a.add_argument("--task", choices=tasks, default="pretrain",
                    help="the model the checkpoint holds (fine-tuning: its own keys, no "
                         "pretraining tied weights)")

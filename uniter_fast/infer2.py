@@ -43,7 +43,7 @@ from .training.config import read_json
 
 __all__ = ["main", "build_parser", "run_inference2", "TASKS", "load_model"]
 
-TASKS = ("itm", "re", "vcr")
+TASKS = ("itm", "itm-hn", "re", "vcr")
 
 
 def _config(args, run_dir: Optional[str]) -> Dict[str, Any]:
@@ -120,17 +120,8 @@ def load_model(task: str, cfg: Dict[str, Any], kind: str, where: str, tag: Optio
             raise ValueError(f"checkpoint {where} has no rank_output.weight/bias and is not a "
                              "pretraining checkpoint")
         return _strict(model, sd, where), False
-    if task == "re":
-        from .model.re import UniterForReferringExpressionComprehension as Re
-        model = Re(config, img_dim, loss=cfg.get("train_loss", "cls"),
-                   margin=float(cfg.get("margin", 0.2)),
-                   hard_ratio=float(cfg.get("hard_ratio", 0.3)), mlp=int(cfg.get("mlp", 1)))
-        return _strict(model, sd, where), False
-    from .model.vcr import VCR_NUM_SPECIAL_TOKENS
-    from .model.vcr import UniterForVisualCommonsenseReasoning as Vcr
-    model = Vcr(config, img_dim)
-    model.init_type_embedding()
-    model.init_word_embedding(VCR_NUM_SPECIAL_TOKENS)
+    from .training.finetune2 import build_part2_model
+    model = build_part2_model(task, dict(cfg, checkpoint_from="pretrain"), None)
     return _strict(model, sd, where), False
 
 
@@ -263,6 +254,8 @@ def run_inference2(args) -> Dict[str, Any]:
     kind, where, tag, run_dir = resolve_checkpoint(args.checkpoint, args.tag)
     cfg = _config(args, run_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.task == "itm-hn":       # the same model and scorer as itm
+        args.task = "itm"
     model, zero_shot = load_model(args.task, cfg, kind, where, tag)
     model.to(device).eval()
     name = tag or os.path.splitext(os.path.basename(where))[0]

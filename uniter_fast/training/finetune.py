@@ -373,6 +373,9 @@ def build_finetune_model(task: str, cfg: Dict[str, Any], state_dict=None,
     """The task model as the original scripts build it: ``from_pretrained(model_config,
     state_dict, img_dim, ...)`` (``state_dict`` None: random weights), then for NLVR2
     ``init_type_embedding()``, then the config's dropout."""
+    if task in PART2_TASK_NAMES:
+        from .finetune2 import build_part2_model
+        return build_part2_model(task, cfg, state_dict)
     config = load_model_config(cfg)
     kw: Dict[str, Any] = {"img_dim": int(cfg.get("img_dim") or IMG_DIM)}
     if task == "vqa":

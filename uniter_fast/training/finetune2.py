@@ -76,7 +76,8 @@ from .validation import reduce_sums, val_batches
 
 __all__ = ["TASK_NAMES2", "ItmTask", "ItmHnTask", "ReTask", "VcrTask", "TASKS2",
            "ExampleSampler", "ITM_KEYS", "ITM_HN_KEYS", "RE_KEYS", "VCR_KEYS",
-           "resolve_synthetic2", "is_gt_db", "CHECKPOINT_FROM"]
+           "resolve_synthetic2", "is_gt_db", "CHECKPOINT_FROM", "build_part2_model",
+           "make_task2"]
 
 TASK_NAMES2 = ("itm", "itm-hn", "re", "vcr")
 
@@ -281,24 +282,9 @@ class ItmTask(_Part2Task):
             out[split] = ItmEvalDataset(txt, img, mini, rank=rank, world_size=world_size)
         return out
 
-    def model_class(self):
-        from ..model.itm import UniterForImageTextRetrieval
-        return UniterForImageTextRetrieval
-
-    def model_kwargs(self, cfg) -> Dict[str, Any]:
-        return {"margin": self.margin}
-
     def build_model(self, cfg, meta):
-        from ..model.itm import has_rank_output
-        config = load_model_config(cfg)
-        check_text_fits(config, meta, cfg)
-        state = _load_state(cfg)
-        model = self.model_class().from_pretrained(
-            config, state, img_dim=int(cfg.get("img_dim") or IMG_DIM), **self.model_kwargs(cfg))
-        if state is not None and not has_rank_output(state, model):
-            model.init_output()       # the original's intent (its key test always failed)
-        set_dropout(model, cfg.get("dropout"))
-        return model
+        check_text_fits(load_model_config(cfg), meta, cfg)
+        return build_part2_model(self.name, cfg, _load_state(cfg))
 
     def compute_loss(self, engine, name, batch, cfg):
         from ..model.itm import itm_rank_train_loss
@@ -379,13 +365,6 @@ class ItmHnTask(ItmTask):
                             bool(cfg.get("pin_mem", False)))
             loaders.append(MetaLoader({self.name: (tl, 1)}, accum_steps=1, seed=seed))
         return _PairLoader(self.name, *loaders)
-
-    def model_class(self):
-        from ..model.itm import UniterForImageTextRetrievalHardNeg
-        return UniterForImageTextRetrievalHardNeg
-
-    def model_kwargs(self, cfg):
-        return {"margin": self.margin, "hard_size": self.hard_size}
 
     def compute_loss(self, engine, name, batch, cfg):
         # the original's per-direction loss.mean() / train_batch_size: DeepSpeed divides
@@ -468,17 +447,8 @@ class ReTask(_Part2Task):
         return out
 
     def build_model(self, cfg, meta):
-        from ..model.re import UniterForReferringExpressionComprehension as Re
-        config = load_model_config(cfg)
-        check_text_fits(config, meta, cfg)
-        model = Re.from_pretrained(config, _load_state(cfg),
-                                   img_dim=int(cfg.get("img_dim") or IMG_DIM),
-                                   loss=cfg.get("train_loss", "cls"),
-                                   margin=float(cfg.get("margin", 0.2)),
-                                   hard_ratio=float(cfg.get("hard_ratio", 0.3)),
-                                   mlp=int(cfg.get("mlp", 1)))
-        set_dropout(model, cfg.get("dropout"))
-        return model
+        check_text_fits(load_model_config(cfg), meta, cfg)
+        return build_part2_model(self.name, cfg, _load_state(cfg))
 
     def compute_loss(self, engine, name, batch, cfg):
         from ..model.re import re_train_loss
@@ -580,25 +550,8 @@ class VcrTask(_Part2Task):
         return out
 
     def build_model(self, cfg, meta):
-        from ..model.vcr import VCR_NUM_SPECIAL_TOKENS
-        from ..model.vcr import UniterForVisualCommonsenseReasoning as Vcr
-        config = load_model_config(cfg)
-        check_text_fits(config, meta, cfg)
-        state = _load_state(cfg)
-        img_dim = int(cfg.get("img_dim") or IMG_DIM)
-        from_vcr = cfg.get("checkpoint_from", "pretrain") == "vcr_pretrain"
-        model = Vcr.from_pretrained(config, None if from_vcr else state, img_dim=img_dim)
-        model.init_type_embedding()
-        model.init_word_embedding(VCR_NUM_SPECIAL_TOKENS)
-        if from_vcr and state is not None:
-            own = dict(model.named_parameters())
-            matched = {k: v for k, v in state.items() if k in own}
-            if not matched:
-                raise ValueError(f"checkpoint {cfg['checkpoint']}: no key matches "
-                                 f"{type(model).__name__} (checkpoint_from vcr_pretrain)")
-            model.load_state_dict(matched, strict=False)
-        set_dropout(model, cfg.get("dropout"))
-        return model
+        check_text_fits(load_model_config(cfg), meta, cfg)
+        return build_part2_model(self.name, cfg, _load_state(cfg))
 
     def compute_loss(self, engine, name, batch, cfg):
         from ..model.vcr import vcr_train_loss
@@ -629,6 +582,51 @@ class VcrTask(_Part2Task):
                 if not labelled:
                     write_vcr_submission(results, os.path.join(d, f"results_{ctx.step}_all.csv"))
         return logs
+
+
+def build_part2_model(task: str, cfg: Dict[str, Any], state=None) -> torch.nn.Module:
+    """The task model as the original scripts build it from the training config
+    (``state`` None: random weights), then the config's dropout."""
+    config = load_model_config(cfg)
+    img_dim = int(cfg.get("img_dim") or IMG_DIM)
+    margin = float(cfg.get("margin", 0.2))
+    if task in ("itm", "itm-hn"):
+        from ..model import itm
+        if task == "itm":
+            model = itm.UniterForImageTextRetrieval.from_pretrained(config, state,
+                                                                    img_dim=img_dim,
+                                                                    margin=margin)
+        else:
+            model = itm.UniterForImageTextRetrievalHardNeg.from_pretrained(
+                config, state, img_dim=img_dim, margin=margin,
+                hard_size=int(cfg.get("hard_neg_size", 16)))
+        if state is not None and not itm.has_rank_output(state, model):
+            model.init_output()       # the original's intent (its key test always failed)
+    elif task == "re":
+        from ..model.re import UniterForReferringExpressionComprehension as Re
+        model = Re.from_pretrained(config, state, img_dim=img_dim,
+                                   loss=cfg.get("train_loss", "cls"), margin=margin,
+                                   hard_ratio=float(cfg.get("hard_ratio", 0.3)),
+                                   mlp=int(cfg.get("mlp", 1)))
+    elif task == "vcr":
+        from ..model.vcr import VCR_NUM_SPECIAL_TOKENS
+        from ..model.vcr import UniterForVisualCommonsenseReasoning as Vcr
+        from_vcr = cfg.get("checkpoint_from", "pretrain") == "vcr_pretrain"
+        model = Vcr.from_pretrained(config, None if from_vcr else state, img_dim=img_dim)
+        model.init_type_embedding()
+        model.init_word_embedding(VCR_NUM_SPECIAL_TOKENS)
+        if from_vcr and state is not None:
+            own = dict(model.named_parameters())
+            matched = {k: v for k, v in state.items() if k in own}
+            if not matched:
+                raise ValueError(f"checkpoint {cfg.get('checkpoint')}: no key matches "
+                                 f"{type(model).__name__} (checkpoint_from vcr_pretrain)")
+            model.load_state_dict(matched, strict=False)
+    else:
+        raise ValueError(f"not a part-2 fine-tuning task: {task!r} (expected one of "
+                         f"{TASK_NAMES2})")
+    set_dropout(model, cfg.get("dropout"))
+    return model
 
 
 TASKS2: Dict[str, type] = {"itm": ItmTask, "itm-hn": ItmHnTask, "re": ReTask, "vcr": VcrTask}
