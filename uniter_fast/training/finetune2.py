@@ -21,8 +21,9 @@ original script does:
 * Validation of both: the full ranking of every ``val`` (and ``test``) caption against
   every image with the fast scorer (:func:`~uniter_fast.eval.itr.itm_dataset_scores`),
   the score matrix gathered over ranks, :func:`~uniter_fast.eval.itr.itm_eval`:
-  ``{split}/txt_r1`` ... ``{split}/r_mean`` (the original's ``full_val``), written to
-  ``results_{split}/scores_{step}.json``.
+  ``{split}/txt_r1`` ... ``{split}/r_mean`` (the original's ``full_val``, always on here:
+  the fast scorer makes it cheap; ``inf_max_tokens``, default 16384, sets its batch),
+  written to ``results_{split}/scores_{step}.json``.
 * ``re`` (``train_re.py``): :class:`~uniter_fast.data.re.ReDataset` on the ground-truth
   boxes, ``train_batch_size`` / ``val_batch_size`` expressions per batch,
   ``train_loss`` (``cls`` or ``rank``), ``margin``, ``hard_ratio``, ``mlp``; loss
