@@ -275,16 +275,17 @@ def _wra_step(fn, mode, b):
 
 
 def _wra_backends():
-    return [be for be in bu.registered(OP) if be != "reference"]
+    return [be for be in bu.registered(WRA_OP) if be != "reference"]
 
 
 @pytest.mark.parametrize("mode", WRA_MODES)
 @pytest.mark.parametrize("backend", _wra_backends())
 def test_wra_end_to_end(benchmark, collector, backend, mode):
-    """ops.optimal_transport_dist from the embeddings (cosine cost without
-    normalised copies, then IPOT + trace on ``backend``) against the reference
-    twin and UNITER's original sequence, at B=256, 60×100, hidden 768."""
-    reason = bu.skip_reason(OP, backend, bu.DEVICE, torch.float32)
+    """ops.optimal_transport_dist from the embeddings on ``backend`` (cpp: the
+    fused C++ kernel; torch/cuda/triton: the cost op without normalised copies,
+    then IPOT + trace) against the reference twin and UNITER's original
+    sequence, at B=256, 60×100, hidden 768."""
+    reason = bu.skip_reason(WRA_OP, backend, bu.DEVICE, torch.float32)
     if reason:
         pytest.skip(reason)
     b = BATCHES[len(BATCHES) // 2]
@@ -320,9 +321,8 @@ def test_wra_end_to_end(benchmark, collector, backend, mode):
         # floor: read both embeddings once (+ write their gradients, read them again for bwd)
         bytes_moved=emb * 4 * (1 if mode == "fwd" else 3) + b * (M_TXT + N_IMG),
         flops=2.0 * numel * HIDDEN * (1 if mode == "fwd" else 3) + numel * (7 * ITERS * K + 4),
-        notes=f"ops.optimal_transport_dist: cost backend "
-              f"{ops.selected_backend('cost_matrix_cosine', None, bu.DEVICE)}, ipot_distance "
-              f"backend {backend}; embeddings require grad; 'original' = UNITER's op sequence "
-              f"(F.normalize copies, matmul, IPOT loop, B×M×M product C·T and its diagonal)")
+        notes=f"ops.optimal_transport_dist(backend={backend!r}); embeddings require grad; "
+              f"'original' = UNITER's op sequence (F.normalize copies, matmul, IPOT loop, "
+              f"B×M×M product C·T and its diagonal)")
     bu.attach(benchmark, rec)
     collector.add(rec)

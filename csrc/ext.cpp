@@ -23,6 +23,15 @@ std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torc
                                                            int64_t iteration, int64_t k,
                                                            bool with_plan);
 torch::Tensor exp_f32_cpu(torch::Tensor x);
+std::vector<torch::Tensor> wra_forward_cpu(torch::Tensor txt_emb, torch::Tensor img_emb,
+                                           torch::Tensor txt_pad, torch::Tensor img_pad,
+                                           double beta, int64_t iteration, int64_t k, double eps,
+                                           bool with_grad);
+std::vector<torch::Tensor> wra_backward_cpu(torch::Tensor grad, torch::Tensor txt_emb,
+                                            torch::Tensor img_emb, torch::Tensor txt_pad,
+                                            torch::Tensor img_pad, torch::Tensor P,
+                                            torch::Tensor px, torch::Tensor py, bool need_dx,
+                                            bool need_dy);
 std::vector<std::string> cpu_isas();
 std::string cpu_isa();
 void set_cpu_isa(const std::string& name);
@@ -95,6 +104,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "real block)",
         py::arg("C"), py::arg("txt_pad"), py::arg("img_pad"), py::arg("beta"),
         py::arg("iteration"), py::arg("k"), py::arg("with_plan") = true);
+  m.def("wra_forward_cpu", &uniter_fast::wra_forward_cpu,
+        "WRA distance from the embeddings on CPU: (txt_emb [B,M,D], img_emb [B,N,D] float32, "
+        "txt_pad, img_pad bool, beta, iteration, k, eps, with_grad) -> [dist [B], and with_grad: "
+        "P [B,M,N], px [B,M], py [B,N] for wra_backward_cpu]",
+        py::arg("txt_emb"), py::arg("img_emb"), py::arg("txt_pad"), py::arg("img_pad"),
+        py::arg("beta"), py::arg("iteration"), py::arg("k"), py::arg("eps"),
+        py::arg("with_grad"));
+  m.def("wra_backward_cpu", &uniter_fast::wra_backward_cpu,
+        "Gradient of wra_forward_cpu's distances: (grad [B], txt_emb, img_emb, txt_pad, "
+        "img_pad, P, px, py, need_dx, need_dy) -> [d txt_emb, d img_emb]",
+        py::arg("grad"), py::arg("txt_emb"), py::arg("img_emb"), py::arg("txt_pad"),
+        py::arg("img_pad"), py::arg("P"), py::arg("px"), py::arg("py"), py::arg("need_dx"),
+        py::arg("need_dy"));
   m.def("exp_f32_cpu", &uniter_fast::exp_f32_cpu,
         "The IPOT kernel's vectorised float32 exp (exposed for its accuracy test)", py::arg("x"));
   m.def("cpu_isas", &uniter_fast::cpu_isas,

@@ -1,5 +1,8 @@
 // Batched IPOT on the CPU: one OpenMP task per example, all iterations on a
-// contiguous float32 copy of the example's real m x n block.
+// contiguous float32 copy of the example's real m x n block.  Also the WRA
+// distance straight from the embeddings (wra_forward_cpu / wra_backward_cpu,
+// csrc/wra_cpu_kernel.h): cosine cost of the real block, IPOT and trace in one
+// task per example, and the hand-written gradient.
 //
 // Contract (same as uniter_fast.reference.ipot):
 //   C [B, M, N] (float32 / float16 / bfloat16 / float64; read as float32),
@@ -71,7 +74,7 @@ struct FlushDenormals {
 };
 
 struct Workspace {
-  std::vector<float> Cc, A, Q, delta, sigma, tmp;
+  std::vector<float> Cc, A, Q, delta, sigma, tmp, rx, ry, kx, ky;
   std::vector<int64_t> rows, cols;
 };
 
@@ -87,6 +90,7 @@ struct Workspace {
 namespace isa_avx512 {
 #define UF_LANES 16
 #include "ipot_cpu_kernel.h"
+#include "wra_cpu_kernel.h"
 #undef UF_LANES
 }  // namespace isa_avx512
 #if defined(__clang__)
@@ -100,6 +104,7 @@ namespace isa_avx512 {
 namespace isa_avx2 {
 #define UF_LANES 8
 #include "ipot_cpu_kernel.h"
+#include "wra_cpu_kernel.h"
 #undef UF_LANES
 }  // namespace isa_avx2
 #if defined(__clang__)
@@ -111,6 +116,7 @@ namespace isa_avx2 {
 namespace isa_base {  // the build's own target: SSE2 on x86-64, NEON on arm64
 #define UF_LANES 4
 #include "ipot_cpu_kernel.h"
+#include "wra_cpu_kernel.h"
 #undef UF_LANES
 }  // namespace isa_base
 
@@ -118,19 +124,31 @@ using ExampleFn = void (*)(const float*, int64_t, int64_t, float, const bool*, i
                            const bool*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
                            float*, Workspace&);
 using ExpFn = void (*)(const float*, float*, int64_t);
+using WraForwardFn = void (*)(const float*, int64_t, const float*, int64_t, const bool*, int64_t,
+                              const bool*, int64_t, int64_t, int64_t, int64_t, float, float,
+                              int64_t, int64_t, float*, float*, float*, float*, Workspace&);
+using WraBackwardFn = void (*)(float, const float*, int64_t, const float*, int64_t, const bool*,
+                               int64_t, const bool*, int64_t, int64_t, int64_t, int64_t,
+                               const float*, const float*, const float*, float*, float*,
+                               Workspace&);
 struct Isa {
   const char* name;
   ExampleFn example;
   ExpFn exp;
+  WraForwardFn wra_forward;
+  WraBackwardFn wra_backward;
 };
 
 // Best first; available() says whether this CPU (and OS) runs it.
 const Isa kIsas[] = {
 #ifdef UF_X86_ISAS
-    {"avx512", isa_avx512::ipot_example, isa_avx512::vexp_array},
-    {"avx2", isa_avx2::ipot_example, isa_avx2::vexp_array},
+    {"avx512", isa_avx512::ipot_example, isa_avx512::vexp_array,
+     isa_avx512::wra_forward_example, isa_avx512::wra_backward_example},
+    {"avx2", isa_avx2::ipot_example, isa_avx2::vexp_array, isa_avx2::wra_forward_example,
+     isa_avx2::wra_backward_example},
 #endif
-    {"base", isa_base::ipot_example, isa_base::vexp_array},
+    {"base", isa_base::ipot_example, isa_base::vexp_array, isa_base::wra_forward_example,
+     isa_base::wra_backward_example},
 };
 
 bool available(const Isa& isa) {
@@ -241,6 +259,138 @@ std::tuple<torch::Tensor, torch::Tensor> ipot_distance_cpu(torch::Tensor C, torc
                                                            int64_t iteration, int64_t k,
                                                            bool with_plan) {
   return ipot_cpu_impl(C, txt_pad, img_pad, beta, iteration, k, true, with_plan);
+}
+
+// ---------------------------------------------------------------- WRA from the embeddings
+namespace {
+int wra_threads(int64_t B) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)));
+}
+
+void check_wra_args(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& txt_pad,
+                    const torch::Tensor& img_pad) {
+  TORCH_CHECK_VALUE(x.dim() == 3 && y.dim() == 3, "txt_emb and img_emb must be [B, L, D]; got ",
+                    x.sizes(), " and ", y.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 && y.scalar_type() == torch::kFloat32,
+                    "wra_*_cpu needs float32 embeddings; got ", x.scalar_type(), " and ",
+                    y.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && y.device().is_cpu(), "wra_*_cpu needs CPU tensors");
+  TORCH_CHECK_VALUE(x.size(0) == y.size(0) && x.size(2) == y.size(2),
+                    "txt_emb ", x.sizes(), " and img_emb ", y.sizes(), " differ in B or D");
+  TORCH_CHECK_VALUE(txt_pad.scalar_type() == torch::kBool && img_pad.scalar_type() == torch::kBool,
+                    "txt_pad/img_pad must be bool padding masks (true = padded)");
+  TORCH_CHECK_VALUE(txt_pad.dim() == 2 && txt_pad.size(0) == x.size(0) &&
+                        txt_pad.size(1) == x.size(1),
+                    "txt_pad shape ", txt_pad.sizes(), " != [B, M] of txt_emb ", x.sizes());
+  TORCH_CHECK_VALUE(img_pad.dim() == 2 && img_pad.size(0) == y.size(0) &&
+                        img_pad.size(1) == y.size(1),
+                    "img_pad shape ", img_pad.sizes(), " != [B, N] of img_emb ", y.sizes());
+}
+
+// rows contiguous along D (any batch / row strides)
+torch::Tensor rows_contiguous(const torch::Tensor& t) {
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+}  // namespace
+
+std::vector<torch::Tensor> wra_forward_cpu(torch::Tensor txt_emb, torch::Tensor img_emb,
+                                           torch::Tensor txt_pad, torch::Tensor img_pad,
+                                           double beta, int64_t iteration, int64_t k, double eps,
+                                           bool with_grad) {
+  check_wra_args(txt_emb, img_emb, txt_pad, img_pad);
+  TORCH_CHECK_VALUE(beta > 0 && std::isfinite(beta), "beta must be > 0, got ", beta);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(iteration >= 1 && k >= 1, "iteration and k must be >= 1, got iteration=",
+                    iteration, ", k=", k);
+  const auto x = rows_contiguous(txt_emb), y = rows_contiguous(img_emb);
+  const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
+  const auto f32 = x.options();
+  auto dist = torch::zeros({B}, f32);
+  torch::Tensor P, px, py;
+  if (with_grad) {
+    P = torch::zeros({B, M, N}, f32);
+    px = torch::zeros({B, M}, f32);
+    py = torch::zeros({B, N}, f32);
+  }
+  if (B == 0 || M == 0 || N == 0) return {dist, P, px, py};
+  const WraForwardFn fn = current_isa().wra_forward;
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const bool* tp = txt_pad.data_ptr<bool>();
+  const bool* ip = img_pad.data_ptr<bool>();
+  float* dp = dist.data_ptr<float>();
+  float* Pp = with_grad ? P.data_ptr<float>() : nullptr;
+  float* pxp = with_grad ? px.data_ptr<float>() : nullptr;
+  float* pyp = with_grad ? py.data_ptr<float>() : nullptr;
+  const int64_t sxb = x.stride(0), sxm = x.stride(1), syb = y.stride(0), syn = y.stride(1);
+  const int64_t stb = txt_pad.stride(0), stm = txt_pad.stride(1);
+  const int64_t sib = img_pad.stride(0), sin = img_pad.stride(1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(wra_threads(B))
+#endif
+  {
+    FlushDenormals ftz;
+    Workspace ws;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t b = 0; b < B; ++b) {
+      fn(xp + b * sxb, sxm, yp + b * syb, syn, tp + b * stb, stm, ip + b * sib, sin, M, N, D,
+         static_cast<float>(eps), static_cast<float>(beta), iteration, k, dp + b,
+         Pp ? Pp + b * M * N : nullptr, pxp ? pxp + b * M : nullptr,
+         pyp ? pyp + b * N : nullptr, ws);
+    }
+  }
+  return {dist, P, px, py};
+}
+
+std::vector<torch::Tensor> wra_backward_cpu(torch::Tensor grad, torch::Tensor txt_emb,
+                                            torch::Tensor img_emb, torch::Tensor txt_pad,
+                                            torch::Tensor img_pad, torch::Tensor P,
+                                            torch::Tensor px, torch::Tensor py, bool need_dx,
+                                            bool need_dy) {
+  check_wra_args(txt_emb, img_emb, txt_pad, img_pad);
+  const auto x = rows_contiguous(txt_emb), y = rows_contiguous(img_emb);
+  const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, "grad must be [B]; got ", grad.sizes());
+  const auto g = grad.to(torch::kFloat32).contiguous();
+  const auto Pc = P.contiguous(), pxc = px.contiguous(), pyc = py.contiguous();
+  TORCH_CHECK_VALUE(Pc.scalar_type() == torch::kFloat32 && Pc.sizes() == torch::IntArrayRef({B, M, N}),
+                    "P must be float32 [B, M, N]; got ", Pc.sizes());
+  torch::Tensor dx, dy;
+  if (need_dx) dx = torch::empty({B, M, D}, x.options());
+  if (need_dy) dy = torch::empty({B, N, D}, y.options());
+  if (B == 0) return {dx, dy};
+  const WraBackwardFn fn = current_isa().wra_backward;
+  const float* gp = g.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const bool* tp = txt_pad.data_ptr<bool>();
+  const bool* ip = img_pad.data_ptr<bool>();
+  const float* Pp = Pc.data_ptr<float>();
+  const float* pxp = pxc.data_ptr<float>();
+  const float* pyp = pyc.data_ptr<float>();
+  float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;
+  float* dyp = need_dy ? dy.data_ptr<float>() : nullptr;
+  const int64_t sxb = x.stride(0), sxm = x.stride(1), syb = y.stride(0), syn = y.stride(1);
+  const int64_t stb = txt_pad.stride(0), stm = txt_pad.stride(1);
+  const int64_t sib = img_pad.stride(0), sin = img_pad.stride(1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(wra_threads(B))
+#endif
+  {
+    FlushDenormals ftz;
+    Workspace ws;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t b = 0; b < B; ++b) {
+      fn(gp[b], xp + b * sxb, sxm, yp + b * syb, syn, tp + b * stb, stm, ip + b * sib, sin, M, N,
+         D, Pp + b * M * N, pxp + b * M, pyp + b * N, dxp ? dxp + b * M * D : nullptr,
+         dyp ? dyp + b * N * D : nullptr, ws);
+    }
+  }
+  return {dx, dy};
 }
 
 torch::Tensor exp_f32_cpu(torch::Tensor x) {

@@ -79,9 +79,9 @@ def _check_smoke_run(tmp_path, device):
         from uniter_fast import _ext
         want |= {f"cpp[{isa}]" for isa in _ext.cpu_module().cpu_isas()[1:]}
     assert got == want, got
-    # WRA end to end (from the embeddings): every fast IPOT backend, forward and forward+backward
+    # WRA end to end (from the embeddings): every fast backend, forward and forward+backward
     wra = [r for r in res if r["op"] == "optimal_transport_dist"]
-    want = _expected_backends("ipot", device) - {"reference", "reference+cudagraph"}
+    want = _expected_backends("optimal_transport_dist", device) - {"reference"}
     assert {(r["backend"], r["mode"]) for r in wra} == {(b, m) for b in want
                                                         for m in ("fwd", "fwd+bwd")}
     assert all(set(r["speedup"]) == {"reference", "original"} for r in wra)
@@ -188,7 +188,8 @@ def test_lengths_and_masks():
 
 
 def test_skip_rule_excludes_triton_on_cpu_only():
-    for op in ("attention", "ipot", "ipot_distance", "cost_matrix_cosine"):
+    for op in ("attention", "ipot", "ipot_distance", "cost_matrix_cosine",
+               "optimal_transport_dist"):
         for be in ops.registered_backends(op):
             reason = bu.skip_reason(op, be, torch.device("cpu"), torch.float32)
             if "triton" in be:

@@ -18,8 +18,9 @@ from ._registry import (
 )
 from .attention import attention
 from .cost import cost_matrix_cosine
-from .ipot import ipot, ipot_distance, optimal_transport_dist
+from .ipot import ipot, ipot_distance
 from .layer_norm import gelu, layer_norm
+from .wra import optimal_transport_dist
 
 __all__ = ["attention", "ipot", "ipot_distance", "optimal_transport_dist", "cost_matrix_cosine",
            "layer_norm", "gelu", "use_backend", "available_backends", "registered_backends",

@@ -23,6 +23,7 @@ import torch
 from ..constants import COSINE_EPS
 from ..reference import ot as _ref
 from . import _registry
+from .ipot import as_pad
 
 COST_OP = "cost_matrix_cosine"
 
@@ -33,7 +34,6 @@ def check_embeddings(txt_emb, img_emb, txt_pad=None, img_pad=None
                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The contract of the WRA ops' embeddings and pads; returns bool pads
     (None where not given)."""
-    from .ipot import as_pad
     for name, t in (("txt_emb", txt_emb), ("img_emb", img_emb)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a [B, L, D] tensor; got "

@@ -7,9 +7,9 @@
   ``triton`` and ``cuda`` backends compute the distance in the kernel's last
   pass (and skip writing the plan when no gradient is needed), ``reference``
   takes it from the reference plan.
-* ``optimal_transport_dist(txt_emb, img_emb, txt_pad, img_pad, ...)``:
-  UNITER's WRA distance from the embeddings: the cosine cost
-  (:func:`uniter_fast.ops.cost_matrix_cosine`), then ``ipot_distance``.
+
+The WRA distance from the embeddings, ``optimal_transport_dist``, is in
+:mod:`uniter_fast.ops.wra`.
 
 Input contract (checked here once): C [B, M, N] floating on one device with
 the pads; txt_pad [B, M] / img_pad [B, N] bool or integer masks, 1 = padded,
@@ -191,7 +191,8 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     return fn(C.detach(), tp, ip, beta, iteration, k)
 
 
-def _distance(C, tp, ip, beta, iteration, k, backend):
+def distance_unchecked(C, tp, ip, beta, iteration, k, backend=None):
+    """:func:`ipot_distance` on inputs that already meet its contract."""
     return _registry.resolve(DIST_OP, backend, C.device, C.dtype)(C, tp, ip, beta, iteration, k)
 
 
@@ -204,25 +205,4 @@ def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     Same contract as :func:`uniter_fast.reference.ipot_distance`: gradient
     through C only, padded entries of a finite C do not contribute."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    return _distance(C, tp, ip, beta, iteration, k, backend)
-
-
-def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
-                           txt_pad: torch.Tensor, img_pad: torch.Tensor,
-                           beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
-                           k: int = IPOT_INNER_ITERATIONS, *,
-                           backend: Optional[str] = None) -> torch.Tensor:
-    """UNITER's WRA distance [B] (float32) from the embeddings.
-
-    Cosine cost in float32 with padded entries zero
-    (:func:`~uniter_fast.ops.cost_matrix_cosine`, no normalised copies of the
-    embeddings), then :func:`ipot_distance`; gradients flow through the cost
-    only.  An empty text or image side gives 0.  ``backend`` names the
-    ``ipot_distance`` backend, and the cost's too where it has one of that name
-    (``"reference"`` runs the whole reference twin)."""
-    from .cost import COST_OP, check_embeddings, cosine_cost_unchecked
-    tp, ip = check_embeddings(txt_emb, img_emb, txt_pad, img_pad)
-    beta, iteration, k = check_params(beta, iteration, k)
-    cost_backend = backend if backend in _registry.registered_backends(COST_OP) else None
-    cost = cosine_cost_unchecked(txt_emb, img_emb, tp, ip, backend=cost_backend)
-    return _distance(cost, tp, ip, beta, iteration, k, backend)
+    return distance_unchecked(C, tp, ip, beta, iteration, k, backend)
