@@ -357,41 +357,88 @@ def _keep_mask_kernel(Out, seed, philox_offset, dropout_p, seq,
 
 # --------------------------------------------------------------------------- tuning
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages).  64-wide tiles first: UNITER's
-# sequences are ~50-170 tokens.
-_FWD_CONFIGS = [(64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)]
-# dK/dV kernel: BLOCK_N = keys per program, BLOCK_M = queries per step; dQ: the reverse.
-_BWD_CONFIGS = [(64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)]
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per dtype class
+# ("lowp": fp16/bf16 operands on tensor cores; "fp32": exact fp32 dots, FMA
+# code, hence small tiles).  For the dK/dV kernel BLOCK_N is the key block of a
+# program and BLOCK_M the query step; for dQ the reverse.  64-wide tiles first:
+# UNITER's sequences are ~50-170 tokens.
+_CANDIDATES = {
+    "lowp": [(64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2),
+             (64, 64, 8, 2), (32, 32, 4, 2)],
+    "fp32": [(32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+}
+# Candidates removed per (kernel, dtype class, BLOCK_D): ptxas spills registers
+# for them on sm_80 or sm_90 (fp16 or bf16, with or without dropout), or their
+# shared memory exceeds an SM's.  From benchmarks/results/gpu_compile/report.md
+# (python benchmarks/gpu_compile_report.py); tests/test_gpu_compile.py keeps
+# this table and that report in step.
+_EXCLUDED = {
+    ('dkdv', 'fp32', 32): {(32, 16, 4, 2)},
+    ('dkdv', 'fp32', 64): {(32, 32, 4, 2)},
+    ('dkdv', 'fp32', 128): {(32, 32, 4, 2)},
+    ('dkdv', 'lowp', 64): {(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)},
+    ('dkdv', 'lowp', 128): {(64, 32, 4, 2), (64, 64, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2)},
+    ('dq', 'lowp', 32): {(64, 64, 4, 1)},
+    ('dq', 'lowp', 64): {(64, 64, 4, 1), (64, 64, 4, 2)},
+    ('dq', 'lowp', 128): {(64, 64, 4, 1), (64, 64, 4, 2)},
+    ('fwd', 'fp32', 64): {(32, 32, 4, 2)},
+    ('fwd', 'fp32', 128): {(32, 16, 4, 2), (32, 32, 4, 2)},
+    ('fwd', 'lowp', 32): {(64, 64, 4, 2)},
+    ('fwd', 'lowp', 128): {(32, 64, 4, 2), (128, 64, 8, 2)},
+}
 _INTERPRET_BLOCKS = (64, 64)  # one fixed config when interpreting
+_PROGRAM_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 
 
 def _seq_bucket(seq: int) -> int:
     return pow2(seq)
 
 
-def _prune_by_bucket(program_block: str):
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "lowp"
+
+
+def _as_tuple(c: triton.Config, kernel: str):
+    a = _PROGRAM_BLOCK[kernel]
+    b = "BLOCK_N" if a == "BLOCK_M" else "BLOCK_M"
+    return (c.kwargs[a], c.kwargs[b], c.num_warps, c.num_stages)
+
+
+def tuning_candidates(kernel: str, dtype: torch.dtype) -> list:
+    """The autotune configs a ``kernel`` ("fwd", "dkdv", "dq") considers for ``dtype``
+    before the per-call pruning (used by the GPU compile report)."""
+    return [c for c in _TUNED[kernel].configs
+            if _as_tuple(c, kernel) in _CANDIDATES[dtype_class(dtype)]]
+
+
+def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
+        cls = dtype_class(named_args["Q"].dtype)
         bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET"))
+        excluded = _EXCLUDED.get((kernel, cls, kwargs["BLOCK_D"]), ())
+        ok = [c for c in configs if _as_tuple(c, kernel) in _CANDIDATES[cls]
+              and _as_tuple(c, kernel) not in excluded]
         # a program tile much larger than the sequence only wastes work
-        keep = [c for c in configs if c.kwargs[program_block] <= max(32, bucket)]
-        return keep or configs[:1]
+        keep = [c for c in ok if c.kwargs[_PROGRAM_BLOCK[kernel]] <= max(32, bucket)]
+        return keep or sorted(ok, key=lambda c: c.kwargs[_PROGRAM_BLOCK[kernel]])[:1]
     return prune
 
 
-def _configs(table, a, b):
-    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=s) for x, y, w, s in table]
+def _configs(kernel: str):
+    a = _PROGRAM_BLOCK[kernel]
+    b = "BLOCK_N" if a == "BLOCK_M" else "BLOCK_M"
+    tables = dict.fromkeys(t for cls in _CANDIDATES.values() for t in cls)   # union, in order
+    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=s) for x, y, w, s in tables]
 
 
-_KEY = ["SEQ_BUCKET", "BLOCK_D", "DROPOUT", "PREC"]
-_fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_KEY,
-                             prune_configs_by={"early_config_prune": _prune_by_bucket("BLOCK_M")}
-                             )(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_BWD_CONFIGS, "BLOCK_N", "BLOCK_M"), key=_KEY,
-                              prune_configs_by={"early_config_prune": _prune_by_bucket("BLOCK_N")}
-                              )(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(_BWD_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_KEY,
-                            prune_configs_by={"early_config_prune": _prune_by_bucket("BLOCK_M")}
-                            )(_attn_bwd_dq_kernel)
+_KEY = ["SEQ_BUCKET", "BLOCK_D", "DROPOUT", "PREC"]   # (+ the tensors' dtypes, by Triton)
+_TUNED = {
+    kernel: triton.autotune(_configs(kernel), key=_KEY,
+                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
+    for kernel, fn in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel),
+                       ("dq", _attn_bwd_dq_kernel))
+}
+_fwd_tuned, _dkdv_tuned, _dq_tuned = _TUNED["fwd"], _TUNED["dkdv"], _TUNED["dq"]
 
 
 def _launch(kernel_raw, kernel_tuned, grid_block: str, grid_bh: int, seq: int,
@@ -547,7 +594,8 @@ def dropout_keep_mask(batch: int, heads: int, seq: int, dropout_p: float, seed: 
     generated with the same Philox counters as the attention kernels."""
     out = torch.empty((batch, heads, seq, seq), dtype=torch.int8, device=device)
     if out.numel():
+        # 8 warps: with 4, the 64 x 64 Philox tile spills registers (GPU compile report)
         _keep_mask_kernel[(batch * heads, triton.cdiv(seq, 64))](
             out, int(seed), int(philox_offset), float(dropout_p), seq, BLOCK_M=64, BLOCK_N=64,
-            SEQ_INTERP=interp_bound(seq))
+            SEQ_INTERP=interp_bound(seq), num_warps=8)
     return out.bool()

@@ -16,11 +16,13 @@ import os
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_cuda
 
 import uniter_fast
 from uniter_fast import ops, reference
 
+# (not imported from conftest: a second conftest module under tests/ shadows that name)
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.cuda          # tests/conftest.py skips these without a GPU
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not (HAS_CUDA or INTERPRET):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -239,16 +241,34 @@ def test_dropout_seed_from_torch_generator():
 # --------------------------------------------------------------------------- op layer / errors
 
 
-def test_autotune_keyed_on_length_bucket():
+def test_autotune_keyed_on_length_bucket_and_pruned_per_dtype_and_head_dim(monkeypatch):
     # lengths 65..128 share one tuning entry; the exact length is never a key
     assert {AT._seq_bucket(s) for s in range(65, 129)} == {128}
     assert AT._seq_bucket(1) == AT._seq_bucket(16) == 16 and AT._seq_bucket(170) == 256
     assert "seq" not in AT._KEY and "SEQ_BUCKET" in AT._KEY
-    prune = AT._prune_by_bucket("BLOCK_M")
-    cfgs = AT._configs(AT._FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
-    for bucket in (16, 64, 256):
-        kept = prune(cfgs, {"SEQ_BUCKET": bucket})
-        assert kept and all(c.kwargs["BLOCK_M"] <= max(32, bucket) for c in kept)
+    for kernel in ("fwd", "dkdv", "dq"):
+        prune, block = AT._prune(kernel), AT._PROGRAM_BLOCK[kernel]
+        cfgs = AT._TUNED[kernel].configs
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            q = torch.empty(1, dtype=dtype)
+            cands = {AT._as_tuple(c, kernel) for c in AT.tuning_candidates(kernel, dtype)}
+            assert cands == set(AT._CANDIDATES[AT.dtype_class(dtype)])
+            for bucket in (16, 64, 256):
+                for bd in (16, 32, 64, 128):
+                    kept = prune(cfgs, {"SEQ_BUCKET": bucket, "Q": q}, BLOCK_D=bd)
+                    assert kept, (kernel, dtype, bucket, bd)
+                    excluded = AT._EXCLUDED.get((kernel, AT.dtype_class(dtype), bd), ())
+                    for c in kept:
+                        t = AT._as_tuple(c, kernel)
+                        assert t in cands and t not in excluded
+                        assert c.kwargs[block] <= max(32, bucket) or len(kept) == 1
+    # an excluded config is never picked, and a fallback always remains
+    t = AT._CANDIDATES["lowp"][0]
+    monkeypatch.setitem(AT._EXCLUDED, ("fwd", "lowp", 64), {t})
+    kept = AT._prune("fwd")(AT._TUNED["fwd"].configs,
+                            {"SEQ_BUCKET": 128, "Q": torch.empty(1, dtype=torch.float16)},
+                            BLOCK_D=64)
+    assert kept and t not in {AT._as_tuple(c, "fwd") for c in kept}
 
 
 def test_ops_attention_triton_matches_reference():
