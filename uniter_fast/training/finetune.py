@@ -57,6 +57,7 @@ __all__ = ["TASK_NAMES", "NLVR2_MODELS", "DESCRIPTION", "FINETUNE_OVERRIDES", "O
            "FinetuneTask", "VqaTask", "VeTask", "Nlvr2Task", "make_task", "default_config",
            "normalize_config", "build_finetune_model", "ensure_synthetic_pretrain",
            "world_spec", "resolve_synthetic", "img_db_for", "SYNTHETIC_PRETRAIN",
+           "fresh_unseen_embeddings", "check_task_state_dict", "checkpoint_from_state_dict",
            "BUCKET_SIZE"]
 
 DESCRIPTION = "UNITER fine-tuning (VQA, VE, NLVR2) under DeepSpeed."
@@ -69,7 +70,9 @@ BUCKET_SIZE = 8192
 #: the ``checkpoint`` value meaning "the cached synthetic pretraining run"
 SYNTHETIC_PRETRAIN = "synthetic:pretrain"
 #: bump when the cached pretraining run's recipe changes (part of its cache key)
-PRETRAIN_CACHE_VERSION = 1
+PRETRAIN_CACHE_VERSION = 2
+#: written beside a cached pretraining run: the token ids its training texts contain
+TEXT_TOKENS_FILE = "text_tokens.json"
 
 #: every key the original fine-tuning scripts (train_vqa.py, train_ve.py, train_nlvr2.py)
 #: read from a training config
@@ -249,6 +252,52 @@ def _bf16_emulated(ds: Dict[str, Any]) -> bool:
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _text_tokens(pre_cfg: Dict[str, Any]) -> List[int]:
+    """Sorted token ids occurring in a pretraining config's training text dbs."""
+    from ..data.build import resolve_path
+    seen = set()
+    for d in pre_cfg.get("train_datasets") or []:
+        for db in d["db"]:
+            txt = TxtTokLmdb(resolve_path(db, pre_cfg), -1)
+            for i in txt.id2len:
+                seen.update(txt[i]["input_ids"])
+    return sorted(int(t) for t in seen)
+
+
+def fresh_unseen_embeddings(model, checkpoint: Optional[str], v_range: Sequence[int],
+                            seed: int) -> List[int]:
+    """Give fresh random embeddings to the words of ``v_range`` that the synthetic
+    pretraining run behind ``checkpoint`` never saw (its :data:`TEXT_TOKENS_FILE`; other
+    checkpoints are left alone).  Returns the re-initialised ids.
+
+    Why: with the MLM decoder tied to the word embeddings, pretraining pushes every
+    token that never occurs in its texts the same way, so they end up almost equal
+    (cosine ~0.9 on the synthetic run): the fine-tuning texts' new words ("how",
+    "many", "?", ...) would start indistinguishable.  The new rows are drawn from
+    N(0, std of the seen rows), seeded by ``seed``.  (Real UNITER checkpoints saw the
+    whole BERT vocabulary: the case does not arise.)
+    """
+    if not checkpoint:
+        return []
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), TEXT_TOKENS_FILE)
+    if not os.path.exists(path):
+        return []
+    seen = set(read_json(path, "pretraining text tokens")["seen"])
+    emb = model.uniter.embeddings.word_embeddings.weight
+    lo, hi = int(v_range[0]), min(int(v_range[1]), emb.size(0))
+    unseen = [i for i in range(lo, hi) if i not in seen]
+    known = [i for i in sorted(seen) if i < emb.size(0)]
+    if not unseen or not known:
+        return []
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        std = float(emb[known].float().std())
+        emb[unseen] = (torch.randn(len(unseen), emb.size(1), generator=g) * std).to(emb.dtype)
+    print(f"[finetune] fresh embeddings for {len(unseen)} words the synthetic pretraining "
+          f"never saw (ids {unseen[0]}..{unseen[-1]})", flush=True)
+    return unseen
+
+
 def _clean_env() -> Dict[str, str]:
     """This environment without the launcher's distributed variables (a child process
     then runs as its own single-process job)."""
@@ -314,6 +363,8 @@ def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
                                f"{' '.join(cmd)}; its output is above")
         from ..export import to_pt
         to_pt(os.path.join(run, "ckpt"), os.path.join(tmp, "uniter.pt"))
+        with open(os.path.join(tmp, TEXT_TOKENS_FILE), "w") as f:
+            json.dump({"seen": _text_tokens(pre)}, f)
         for f in ("metrics.jsonl", "train_config.json", "ds_config.json"):
             if os.path.exists(os.path.join(run, f)):
                 shutil.copy(os.path.join(run, f), os.path.join(tmp, f))
@@ -502,7 +553,11 @@ class FinetuneTask(TrainTask):
         state = None
         if cfg.get("checkpoint"):
             state = torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)
-        return build_finetune_model(self.name, cfg, state, self.num_answer(cfg))
+        model = build_finetune_model(self.name, cfg, state, self.num_answer(cfg))
+        if state is not None and meta.get("v_range"):
+            fresh_unseen_embeddings(model, cfg["checkpoint"], meta["v_range"],
+                                    int(cfg.get("seed", 42)))
+        return model
 
     def param_groups(self, model, cfg, ds_config):
         op = ds_config.get("optimizer", {}).get("params", {})
