@@ -176,19 +176,21 @@ void wra_forward_example(const float* xb, int64_t sx, const float* yb, int64_t s
 
 // out_i = g (p_i a_i - sum_j W_ij b_j) for the `count` real rows of `a`
 // (row idx[i] at abase + idx[i] * sa, written to obase + idx[i] * so), W_ij =
-// Wc[i * ldw + j] over the nb real rows of b (at bbase + bidx[j] * sb).
-// Padded rows of out are zeroed.  Register tile: RI rows x CV vectors of D.
+// Wc[i * ldw + j] over the nb real rows of b (at bbase + bidx[j] * sb): a GEMM
+// in outer-product form.  For each slice of D (CV vectors) the nb rows of b are
+// first packed into a contiguous panel (L1-resident), then every block of RI
+// rows accumulates RI x CV vectors in registers over j.
 template <int RI, int CV>
 UF_INL void wra_axpy_tile(const float* const* a, float* const* o, const float* Wc, int64_t ldw,
-                          const float* bbase, int64_t sb, const int64_t* bidx, int64_t nb,
-                          const float* p, float g, int64_t d0) {
+                          const float* panel, int64_t nb, const float* p, float g, int64_t d0) {
+  constexpr int64_t W = CV * kLanes;
   vf acc[RI][CV];
 #pragma GCC unroll 4
   for (int r = 0; r < RI; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < CV; ++c) acc[r][c] = vf{};
   for (int64_t j = 0; j < nb; ++j) {
-    const float* bj = bbase + bidx[j] * sb + d0;
+    const float* bj = panel + j * W;
     vf bv[CV];
 #pragma GCC unroll 4
     for (int c = 0; c < CV; ++c) bv[c] = ld(bj + c * kLanes);
@@ -199,9 +201,10 @@ UF_INL void wra_axpy_tile(const float* const* a, float* const* o, const float* W
       for (int c = 0; c < CV; ++c) acc[r][c] += w * bv[c];
     }
   }
+  const vf gv = splat(g);
 #pragma GCC unroll 4
   for (int r = 0; r < RI; ++r) {
-    const vf pr = splat(p[r]), gv = splat(g);
+    const vf pr = splat(p[r]);
 #pragma GCC unroll 4
     for (int c = 0; c < CV; ++c) {
       const int64_t d = d0 + c * kLanes;
@@ -221,43 +224,54 @@ UF_INL void wra_axpy_tile(const float* const* a, float* const* o, const float* W
 #endif
 constexpr int kAxpyRows = UF_WRA_AXPY_ROWS, kAxpyVecs = UF_WRA_AXPY_VECS;
 
-template <int RI>
+template <int RI, int CV>
 UF_INL void wra_axpy_rows(const float* abase, int64_t sa, float* obase, int64_t so,
                           const int64_t* idx, int64_t i0, const float* Wc, int64_t ldw,
-                          const float* bbase, int64_t sb, const int64_t* bidx, int64_t nb,
-                          const float* p, float g, int64_t D) {
+                          const float* panel, int64_t nb, const float* p, float g, int64_t d0) {
   const float* a[RI];
   float* o[RI];
-  float pr[RI];
   for (int r = 0; r < RI; ++r) {
     a[r] = abase + idx[i0 + r] * sa;
     o[r] = obase + idx[i0 + r] * so;
-    pr[r] = p[i0 + r];
   }
-  const float* w = Wc + i0 * ldw;
+  wra_axpy_tile<RI, CV>(a, o, Wc + i0 * ldw, ldw, panel, nb, p + i0, g, d0);
+}
+
+template <int CV>
+UF_INL void wra_axpy_slice(const float* abase, int64_t sa, float* obase, int64_t so,
+                           const int64_t* idx, int64_t count, const float* Wc, int64_t ldw,
+                           const float* bbase, int64_t sb, const int64_t* bidx, int64_t nb,
+                           const float* p, float g, int64_t d0, float* panel) {
+  constexpr int64_t W = CV * kLanes;
+  for (int64_t j = 0; j < nb; ++j) std::copy_n(bbase + bidx[j] * sb + d0, W, panel + j * W);
+  int64_t i0 = 0;
+  for (; i0 + kAxpyRows <= count; i0 += kAxpyRows)
+    wra_axpy_rows<kAxpyRows, CV>(abase, sa, obase, so, idx, i0, Wc, ldw, panel, nb, p, g, d0);
+  for (; i0 < count; ++i0)
+    wra_axpy_rows<1, CV>(abase, sa, obase, so, idx, i0, Wc, ldw, panel, nb, p, g, d0);
+}
+
+// `panel`: room for nb * kAxpyVecs * kLanes floats.
+void wra_axpy_block(const float* abase, int64_t sa, float* obase, int64_t so, const int64_t* idx,
+                    int64_t count, const float* Wc, int64_t ldw, const float* bbase, int64_t sb,
+                    const int64_t* bidx, int64_t nb, const float* p, float g, int64_t D,
+                    float* panel) {
   constexpr int64_t chunk = kAxpyVecs * kLanes;
   int64_t d0 = 0;
   for (; d0 + chunk <= D; d0 += chunk)
-    wra_axpy_tile<RI, kAxpyVecs>(a, o, w, ldw, bbase, sb, bidx, nb, pr, g, d0);
+    wra_axpy_slice<kAxpyVecs>(abase, sa, obase, so, idx, count, Wc, ldw, bbase, sb, bidx, nb, p,
+                              g, d0, panel);
   for (; d0 + kLanes <= D; d0 += kLanes)
-    wra_axpy_tile<RI, 1>(a, o, w, ldw, bbase, sb, bidx, nb, pr, g, d0);
+    wra_axpy_slice<1>(abase, sa, obase, so, idx, count, Wc, ldw, bbase, sb, bidx, nb, p, g, d0,
+                      panel);
   for (; d0 < D; ++d0) {  // scalar tail of D
-    for (int r = 0; r < RI; ++r) {
+    for (int64_t i = 0; i < count; ++i) {
+      const float* w = Wc + i * ldw;
       float s = 0.0f;
-      for (int64_t j = 0; j < nb; ++j) s += w[r * ldw + j] * bbase[bidx[j] * sb + d0];
-      o[r][d0] = g * (pr[r] * a[r][d0] - s);
+      for (int64_t j = 0; j < nb; ++j) s += w[j] * bbase[bidx[j] * sb + d0];
+      obase[idx[i] * so + d0] = g * (p[i] * abase[idx[i] * sa + d0] - s);
     }
   }
-}
-
-void wra_axpy_block(const float* abase, int64_t sa, float* obase, int64_t so, const int64_t* idx,
-                    int64_t count, const float* Wc, int64_t ldw, const float* bbase, int64_t sb,
-                    const int64_t* bidx, int64_t nb, const float* p, float g, int64_t D) {
-  int64_t i0 = 0;
-  for (; i0 + kAxpyRows <= count; i0 += kAxpyRows)
-    wra_axpy_rows<kAxpyRows>(abase, sa, obase, so, idx, i0, Wc, ldw, bbase, sb, bidx, nb, p, g, D);
-  for (; i0 < count; ++i0)
-    wra_axpy_rows<1>(abase, sa, obase, so, idx, i0, Wc, ldw, bbase, sb, bidx, nb, p, g, D);
 }
 
 // One example backward: dx [M, D] / dy [N, D] (contiguous rows; either may be
@@ -300,8 +314,11 @@ void wra_backward_example(float g, const float* xb, int64_t sx, const float* yb,
     ws.rx[i] = px[rows[i]];
   }
   for (int64_t j = 0; j < n; ++j) ws.ry[j] = py[cols[j]];
+  ws.Q.resize(std::max(m, n) * kAxpyVecs * kLanes);   // the packed panel
   if (dx)
-    wra_axpy_block(xb, sx, dx, D, rows, m, ws.Cc.data(), n, yb, sy, cols, n, ws.rx.data(), g, D);
+    wra_axpy_block(xb, sx, dx, D, rows, m, ws.Cc.data(), n, yb, sy, cols, n, ws.rx.data(), g, D,
+                   ws.Q.data());
   if (dy)
-    wra_axpy_block(yb, sy, dy, D, cols, n, ws.A.data(), m, xb, sx, rows, m, ws.ry.data(), g, D);
+    wra_axpy_block(yb, sy, dy, D, cols, n, ws.A.data(), m, xb, sx, rows, m, ws.ry.data(), g, D,
+                   ws.Q.data());
 }
