@@ -217,6 +217,8 @@ def test_metrics_results_inference_and_export(env, tmp_path, task, model):
     assert set(final) == set(sd)
     for k in sd:
         torch.testing.assert_close(sd[k], final[k].float(), atol=1e-2, rtol=1e-2)
+    if task != "vqa":        # the rest is task-independent: once is enough
+        return
     # inference from the plain state dict (the run's config): the same result file
     res2 = str(tmp_path / f"infer_pt.{ext}")
     _run([sys.executable, "-m", "uniter_fast.infer", "--task", task, "--checkpoint", pt,
@@ -226,7 +228,7 @@ def test_metrics_results_inference_and_export(env, tmp_path, task, model):
     # the wrong task is refused, naming the mismatch
     bad = subprocess.run([sys.executable, "-m", "uniter_fast.export", "to-pt",
                           os.path.join(out, "ckpt"), str(tmp_path / "bad.pt"), "--task",
-                          "ve" if task != "ve" else "vqa"], env=env, cwd=ROOT,
+                          "ve"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=240)
     assert bad.returncode != 0 and "do not fit" in bad.stderr
 
