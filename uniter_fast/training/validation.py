@@ -16,18 +16,21 @@ def val_batches(loader, ctx) -> Iterator[Tuple[Dict[str, Any], bool]]:
 
     Under ZeRO-3 every forward is collective, so every rank runs the same number of
     forwards: a rank with fewer batches repeats its last one with ``is_real=False``
-    (its outputs must not be counted).
+    (its outputs must not be counted).  Batches are read one at a time (a real
+    validation split does not fit in memory).
     """
     import torch.distributed as dist
-    batches = list(loader.epoch_batches(0))
-    n = torch.tensor([len(batches)], dtype=torch.long)
+    epoch = loader.epoch_batches(0)
+    n_local = len(epoch)                 # the sampler's batch count: nothing read yet
+    n = torch.tensor([n_local], dtype=torch.long)
     if ctx.zero_stage == 3 and ctx.world_size > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    for i in range(int(n)):
-        if i < len(batches):
-            yield move_to_device(batches[i], ctx.device), True
-        elif batches:
-            yield move_to_device(batches[-1], ctx.device), False
+    last = None
+    for last in epoch:
+        yield move_to_device(last, ctx.device), True
+    for _ in range(n_local, int(n)):
+        if last is not None:
+            yield move_to_device(last, ctx.device), False
 
 
 def reduce_sums(sums: Dict[str, float], keys: Sequence[str], world_size: int) -> Dict[str, float]:
