@@ -293,12 +293,24 @@ def environment(device: torch.device = DEVICE) -> Dict[str, object]:
         env["nominal_mem_gbps"] = nominal_mem_gbps(p.name)
     else:
         env["card"] = None
+        env["cpu_isa"] = _cpu_isa()
         n = env["threads"]
         what = f"{n} thread{'s' if n != 1 else ''}"
         if env["malloc_env"]:
             what += ", " + " ".join(f"{k}={v}" for k, v in sorted(env["malloc_env"].items()))
-        env["device_name"] = f"CPU {env['cpu_model']} ({what})"
+        isa = f", {env['cpu_isa'].upper()}" if env["cpu_isa"] else ""
+        env["device_name"] = f"CPU {env['cpu_model']}{isa} ({what})"
     return env
+
+
+def _cpu_isa() -> Optional[str]:
+    """The widest instruction set the C++ kernels run on this CPU ("avx512", "avx2",
+    "base"): CPUs of one model name differ in it (and the kernels' speed with it)."""
+    try:
+        from uniter_fast import _ext
+        return _ext.cpu_module().cpu_isas()[0]
+    except Exception:  # noqa: BLE001 - no extension: not recorded
+        return None
 
 
 def slug(text: str) -> str:
@@ -310,7 +322,8 @@ def results_filename(env: Dict[str, object], when: Optional[_dt.datetime] = None
     if env.get("card"):
         dev = slug(str(env["card"]))
     else:
-        dev = f"cpu-{slug(str(env['cpu_model']))}-{env['threads']}t"
+        isa = f"-{env['cpu_isa']}" if env.get("cpu_isa") else ""
+        dev = f"cpu-{slug(str(env['cpu_model']))}{isa}-{env['threads']}t"
         if env.get("malloc_env"):
             dev += "-malloc"
     return f"{when:%Y-%m-%d}_{dev}{'_smoke' if env.get('smoke') else ''}.json"

@@ -307,6 +307,9 @@ def test_results_file_names_carry_date_and_device():
     assert bu.results_filename(cpu, when) == "2026-11-27_cpu-amd-epyc-7b13-2t_smoke.json"
     tuned = dict(cpu, smoke=False, malloc_env={"MALLOC_TRIM_THRESHOLD_": "-1"})
     assert bu.results_filename(tuned, when) == "2026-11-27_cpu-amd-epyc-7b13-2t-malloc.json"
+    # the C++ kernels' instruction set tells CPUs of one model name apart
+    assert bu.results_filename(dict(cpu, smoke=False, cpu_isa="avx2"), when) == \
+        "2026-11-27_cpu-amd-epyc-7b13-avx2-2t.json"
 
 
 def test_cpu_device_name_records_glibc_allocator_settings(monkeypatch):
@@ -315,6 +318,8 @@ def test_cpu_device_name_records_glibc_allocator_settings(monkeypatch):
     env = bu.environment(torch.device("cpu"))
     assert env["malloc_env"] == {}
     assert env["device_name"].endswith(("thread)", "threads)"))
+    if env["cpu_isa"]:
+        assert f", {env['cpu_isa'].upper()} (" in env["device_name"]
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
     env = bu.environment(torch.device("cpu"))
     assert env["malloc_env"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
