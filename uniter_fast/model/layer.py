@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..constants import LAYER_NORM_EPS
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ class GELU(nn.Module):
 class LayerNorm(nn.Module):
     """Layer norm with UNITER's parameter names (``weight``, ``bias``), through ops.layer_norm."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-12):
+    def __init__(self, hidden_size: int, eps: float = LAYER_NORM_EPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size))
@@ -75,7 +76,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=1e-12)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
@@ -106,7 +107,7 @@ class BertOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=1e-12)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
@@ -140,7 +141,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = ACT2FN[config.hidden_act]
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=1e-12)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
 
     def forward(self, hidden_states):
         return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import UniterConfig, config_path
+from ..constants import BOX_FEATURE_DIM, LAYER_NORM_EPS
 from .layer import BertLayer, BertPooler, LayerNorm
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class UniterTextEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=1e-12)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
@@ -268,11 +269,11 @@ class UniterImageEmbeddings(nn.Module):
     def __init__(self, config, img_dim: int):
         super().__init__()
         self.img_linear = nn.Linear(img_dim, config.hidden_size)
-        self.img_layer_norm = LayerNorm(config.hidden_size, eps=1e-12)
-        self.pos_layer_norm = LayerNorm(config.hidden_size, eps=1e-12)
-        self.pos_linear = nn.Linear(7, config.hidden_size)
+        self.img_layer_norm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.pos_layer_norm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.pos_linear = nn.Linear(BOX_FEATURE_DIM, config.hidden_size)
         self.mask_embedding = nn.Embedding(2, img_dim, padding_idx=0)
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=1e-12)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, img_feat, img_pos_feat, type_embeddings, img_masks=None):
@@ -398,8 +399,9 @@ def check_encoder_batch(uniter: "UniterModel", batch: Dict[str, Any], need: Sequ
     if feat.dim() != 3 or feat.size(-1) != uniter.img_dim:
         raise ValueError(f"img_feat must be [B, N, img_dim={uniter.img_dim}], "
                          f"got {tuple(feat.shape)}")
-    if pos.dim() != 3 or pos.size(1) != feat.size(1) or pos.size(-1) != 7:
-        raise ValueError(f"img_pos_feat must be [B, N={feat.size(1)}, 7], got {tuple(pos.shape)}")
+    if pos.dim() != 3 or pos.size(1) != feat.size(1) or pos.size(-1) != BOX_FEATURE_DIM:
+        raise ValueError(f"img_pos_feat must be [B, N={feat.size(1)}, {BOX_FEATURE_DIM}], "
+                         f"got {tuple(pos.shape)}")
     if gidx.dim() != 2 or attn.dim() != 2 or gidx.size(1) != attn.size(1):
         raise ValueError(f"gather_index {tuple(gidx.shape)} and attn_masks {tuple(attn.shape)} "
                          f"must both be [B, joint_len]")

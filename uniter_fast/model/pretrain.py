@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..constants import LAYER_NORM_EPS
 from .layer import GELU, BertOnlyMLMHead, LayerNorm
 from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch
 
@@ -18,7 +19,7 @@ class RegionFeatureRegression(nn.Module):
     def __init__(self, hidden_size: int, feat_dim: int, img_linear_weight: nn.Parameter):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), GELU(),
-                                 LayerNorm(hidden_size, eps=1e-12))
+                                 LayerNorm(hidden_size, eps=LAYER_NORM_EPS))
         self.weight = img_linear_weight
         self.bias = nn.Parameter(torch.zeros(feat_dim))
 
@@ -32,7 +33,7 @@ class RegionClassification(nn.Module):
     def __init__(self, hidden_size: int, label_dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), GELU(),
-                                 LayerNorm(hidden_size, eps=1e-12),
+                                 LayerNorm(hidden_size, eps=LAYER_NORM_EPS),
                                  nn.Linear(hidden_size, label_dim))
 
     def forward(self, input_):
