@@ -336,3 +336,39 @@ def test_a_benchmark_file_named_on_the_command_line_is_collected_once():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     assert ids and len(ids) == len(set(ids)), ids
+
+
+def test_attention_thresholds_script_writes_a_loadable_module(tmp_path):
+    mod_path, res = tmp_path / "thr.py", tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "attention_thresholds.py"), "--grid", "4", "8",
+         "--dtypes", "float32", "--shape", "2", "2", "8", "--budget", "0.01", "--max-rounds", "3",
+         "--write", "--module", str(mod_path), "--results-dir", str(res)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("thr", mod_path)
+    thr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thr)
+    assert set(thr.SDPA_MIN_SEQ) == {"float32"}
+    assert set(thr.SDPA_MIN_SEQ["float32"]) == {"fwd", "fwd+bwd"}
+    assert all(v in (4, 8, 9) for v in thr.SDPA_MIN_SEQ["float32"].values())
+    assert thr.MEASURED["grid"] == [4, 8] and thr.MEASURED["threads"] == 1
+    (raw,) = res.glob("*.json")
+    doc = json.loads(raw.read_text())
+    assert doc["thresholds"] == thr.SDPA_MIN_SEQ and len(doc["timings"]) == 2
+
+
+def test_attention_threshold_rule():
+    spec = importlib.util.spec_from_file_location(
+        "uniter_attention_thresholds", os.path.join(BENCH, "attention_thresholds.py"))
+    at = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(at)
+
+    def pts(*wins):
+        return [{"seq": 16 * (i + 1), "reference_s": 1.0, "sdpa_s": 0.5 if w else 2.0}
+                for i, w in enumerate(wins)]
+    assert at.threshold(pts(True, True, True)) == 16          # SDPA everywhere
+    assert at.threshold(pts(False, True, True)) == 32
+    assert at.threshold(pts(True, False, True)) == 48          # a loss in between: from after it
+    assert at.threshold(pts(False, False, False)) == 49        # never: one past the grid
