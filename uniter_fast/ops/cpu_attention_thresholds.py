@@ -11,4 +11,4 @@ MEASURED = {'cpu': 'AMD EPYC',
  'shape': {'B': 8, 'D': 64, 'H': 12, 'real_lengths': '0.56·L .. L'},
  'threads': 1,
  'torch': '2.13.0+cpu'}
-SDPA_MIN_SEQ = {'bfloat16': {'fwd': 16, 'fwd+bwd': 16}, 'float32': {'fwd': 16, 'fwd+bwd': 256}}
+SDPA_MIN_SEQ = {'bfloat16': {'fwd': 16, 'fwd+bwd': 16}, 'float32': {'fwd': 24, 'fwd+bwd': 256}}
