@@ -80,6 +80,7 @@ def test_captions_name_each_object_with_the_cell_of_its_box(syn):
         assert sorted(lo + c - 1 for c in ex["classes"]) == sorted(
             ex["input_ids"][t] for t in ex["obj_tokens"])
         assert len(set(ex["obj_regions"])) == len(ex["obj_regions"])
+        assert ex["obj_phrases"] == [[t, t + 1] for t in ex["obj_tokens"]]
         for t, r in zip(ex["obj_tokens"], ex["obj_regions"]):
             cls = CLASS_NAMES.index(words[t]) + 1
             assert d["soft_labels"][r].argmax() == cls, "the word's region has its class"
@@ -189,16 +190,19 @@ class StubUniter(torch.nn.Module):
     """Text token -> one-hot of its class (class words) or of a spare dim; region -> one-hot
     of the class of its feature's nearest prototype (shifted by ``shift`` classes)."""
 
-    def __init__(self, protos, obj_range, shift=0):
+    def __init__(self, protos, obj_range, shift=0, on_cell_word=False):
         super().__init__()
         self.protos, self.lo, self.hi, self.shift = torch.tensor(protos), *obj_range, shift
         self.k = obj_range[1] - obj_range[0]
+        self.on_cell_word = on_cell_word    # the class one-hot on the word after a class word
 
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attn_masks, gather_index,
                 output_all_encoded_layers=False):
         h = self.k + 2
         is_cls = (input_ids >= self.lo) & (input_ids < self.hi)
         t_idx = torch.where(is_cls, input_ids - self.lo, torch.full_like(input_ids, self.k))
+        if self.on_cell_word:
+            t_idx = torch.cat([torch.full_like(t_idx[:, :1], self.k), t_idx[:, :-1]], dim=1)
         txt = torch.nn.functional.one_hot(t_idx, h).float()
         d = torch.cdist(img_feat.float(), self.protos[None].float())        # [B, N, K+1]
         c = d.argmin(-1)
@@ -221,7 +225,7 @@ def test_wra_alignment_reads_the_transport_plan(syn, loaders):
     wra = {"wra_syn": vl["wra_syn"]}
     good = validate_pretrain(StubEngine(StubUniter(protos, meta["obj_token_range"])), wra, CTX,
                              meta)
-    assert good["wra_syn/align_acc"] == 1.0
+    assert good["wra_syn/align_acc"] == 1.0 and good["wra_syn/phrase_align_acc"] == 1.0
     assert good["wra_syn/align_acc_chance"] == pytest.approx(1 / SPEC.regions_per_image)
     assert good["wra_syn/ot_pos"] < good["wra_syn/ot_neg"]
     assert good["wra_syn/ot_pair_acc"] >= 0.9
@@ -229,6 +233,12 @@ def test_wra_alignment_reads_the_transport_plan(syn, loaders):
     bad = validate_pretrain(StubEngine(StubUniter(protos, meta["obj_token_range"], shift=1)),
                             wra, CTX, meta)
     assert bad["wra_syn/align_acc"] < good["wra_syn/align_acc_chance"]
+    assert bad["wra_syn/phrase_align_acc"] < good["wra_syn/align_acc_chance"]
+    # the class on the cell word: the phrase (class + cell word) finds the region, the word not
+    cell = validate_pretrain(StubEngine(StubUniter(protos, meta["obj_token_range"],
+                                                   on_cell_word=True)), wra, CTX, meta)
+    assert cell["wra_syn/phrase_align_acc"] == 1.0
+    assert cell["wra_syn/align_acc"] < 0.5
     n_pairs = sum(len(b["pair"]) for b in _epoch(vl["wra_syn"])) // 2
     assert n_pairs == SPEC.num_val_images * SPEC.captions_per_image
 

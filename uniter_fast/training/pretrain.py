@@ -31,7 +31,7 @@ PRETRAIN_KEYS = frozenset({
     "grad_norm", "warmup_steps", "seed", "fp16", "n_workers", "pin_mem", "rank",
     "train_datasets", "val_datasets",
     "img_dim", "img_label_dim", "bucket_size", "save_steps", "log_steps",
-    "keep_checkpoints", "synthetic"})
+    "keep_checkpoints", "synthetic", "masking"})
 
 
 def load_model_config(cfg: Dict[str, Any]) -> UniterConfig:

@@ -92,16 +92,22 @@ class WraEvalDataset(DetectFeatTxtTokDataset):
         feat, pos = self._img(img)
         toks = [] if neg else list(ex.get("obj_tokens") or [])
         regs = [] if neg else list(ex.get("obj_regions") or [])
-        if len(toks) != len(regs):
+        phrases = [] if neg else [list(p) for p in ex.get("obj_phrases") or []]
+        if len(toks) != len(regs) or (phrases and len(phrases) != len(regs)):
             raise ValueError(f"text db {self.txt_db.db_dir}: record {self.ids[i]!r} has "
-                             f"{len(toks)} obj_tokens but {len(regs)} obj_regions")
+                             f"{len(toks)} obj_tokens, {len(phrases)} obj_phrases and "
+                             f"{len(regs)} obj_regions")
+        width = max([len(p) for p in phrases] + [1])
+        phr = torch.full((len(phrases), width), -1, dtype=torch.long)
+        for k, p in enumerate(phrases):
+            phr[k, :len(p)] = torch.tensor(p, dtype=torch.long) + 1
         return {"input_ids": input_ids, "img_feat": feat, "img_pos_feat": pos,
                 "attn_masks": torch.ones(len(input_ids) + feat.size(0), dtype=torch.long),
                 "target": torch.tensor([0 if neg else 1], dtype=torch.long),
                 "pair": torch.tensor([i], dtype=torch.long),
                 # +1: the [CLS] in front of the caption
                 "obj_tokens": torch.tensor([t + 1 for t in toks], dtype=torch.long),
-                "obj_regions": torch.tensor(regs, dtype=torch.long)}
+                "obj_regions": torch.tensor(regs, dtype=torch.long), "obj_phrases": phr}
 
 
 def wra_collate(inputs):
@@ -109,10 +115,15 @@ def wra_collate(inputs):
     n = max(1, max(int(x["obj_tokens"].numel()) for x in inputs))
     tok = torch.full((len(inputs), n), -1, dtype=torch.long)
     reg = torch.full((len(inputs), n), -1, dtype=torch.long)
+    w = max(int(x["obj_phrases"].size(1)) for x in inputs)
+    phr = torch.full((len(inputs), n, w), -1, dtype=torch.long)
     for i, x in enumerate(inputs):
         k = x["obj_tokens"].numel()
         tok[i, :k], reg[i, :k] = x["obj_tokens"], x["obj_regions"]
-    batch.update(pair=torch.cat([x["pair"] for x in inputs]), obj_tokens=tok, obj_regions=reg)
+        p = x["obj_phrases"]
+        phr[i, :p.size(0), :p.size(1)] = p
+    batch.update(pair=torch.cat([x["pair"] for x in inputs]), obj_tokens=tok, obj_regions=reg,
+                 obj_phrases=phr)
     return batch
 
 
@@ -169,6 +180,17 @@ def _wra_sums(model, batch, sums, pairs) -> None:
         sums["align_correct"] += int(((pred == regs) & valid).sum())
         sums["align_n"] += int(valid.sum())
         sums["align_chance"] += float((valid.float() / nbb[:, None].float()).sum())
+        phr = batch["obj_phrases"]                          # [B, P, W], -1 padded
+        has = valid & (phr >= 0).any(-1)
+        if has.any():
+            # the plan mass of each phrase's words, summed, per region: [B, N_img, P]
+            b, n_img, m_txt = plan.shape
+            onehot = torch.zeros(b, phr.size(1), m_txt + 1, dtype=plan.dtype)
+            onehot.scatter_(2, torch.where(phr >= 0, phr, m_txt), 1.0)
+            mass = plan.matmul(onehot[:, :, :m_txt].transpose(1, 2))
+            pred = mass.argmax(dim=1)
+            sums["phrase_correct"] += int(((pred == regs) & has).sum())
+            sums["phrase_n"] += int(has.sum())
 
 
 # ----------------------------------------------------------------------------- validation
@@ -307,7 +329,7 @@ def _validate_wra(engine, name, loader, ctx) -> Dict[str, float]:
     sums["pair_correct"] = float(sum(p[1] < p[0] for p in full))
     sums["pair_n"] = float(len(full))
     keys = ("pos", "n_pos", "neg", "n_neg", "align_correct", "align_n", "align_chance",
-            "pair_correct", "pair_n")
+            "phrase_correct", "phrase_n", "pair_correct", "pair_n")
     t = reduce_sums(sums, keys, ctx.world_size)
     logs = {}
     if t["n_pos"]:
@@ -320,6 +342,8 @@ def _validate_wra(engine, name, loader, ctx) -> Dict[str, float]:
     if t["align_n"]:
         logs[f"{name}/align_acc"] = t["align_correct"] / t["align_n"]
         logs[f"{name}/align_acc_chance"] = t["align_chance"] / t["align_n"]
+    if t["phrase_n"]:
+        logs[f"{name}/phrase_align_acc"] = t["phrase_correct"] / t["phrase_n"]
     return logs
 
 
