@@ -28,8 +28,10 @@ TARGETS = {"vqa": ("score", 0.7, 0.2), "ve": ("acc", 0.8, 0.2), "nlvr2": ("acc",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     e = dict(os.environ)
-    # shared with tests/test_finetune_train.py: one pretraining run per session
-    e["UNITER_FAST_CACHE"] = str(tmp_path_factory.getbasetemp() / "uf_finetune_cache")
+    # one cache for the session, shared by the fine-tuning test files (dbs, pretraining run);
+    # UNITER_FAST_TEST_CACHE: reuse one across sessions
+    e["UNITER_FAST_CACHE"] = (os.environ.get("UNITER_FAST_TEST_CACHE")
+                              or str(tmp_path_factory.getbasetemp() / "uf_finetune_cache"))
     e["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         e.pop(k, None)
@@ -74,5 +76,5 @@ def test_default_command_learns_the_task(env, tmp_path, task):
         assert val["val/consistency"] > base["text_only_consistency"] + margin, report
     # started from the cached synthetic pretraining run, not from random weights
     assert os.path.basename(cfg["checkpoint"]) == "uniter.pt"
-    assert cfg["checkpoint"].startswith(env["UNITER_FAST_CACHE"])
+    assert os.path.abspath(cfg["checkpoint"]).startswith(os.path.abspath(env["UNITER_FAST_CACHE"]))
     assert os.path.exists(os.path.join(out, "ckpt", "latest"))

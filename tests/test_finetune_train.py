@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     e = dict(os.environ)
-    # one cache for the session: the fine-tuning test files share dbs and pretraining
-    e["UNITER_FAST_CACHE"] = str(tmp_path_factory.getbasetemp() / "uf_finetune_cache")
+    # one cache for the session, shared by the fine-tuning test files (dbs, pretraining run);
+    # UNITER_FAST_TEST_CACHE: reuse one across sessions
+    e["UNITER_FAST_CACHE"] = (os.environ.get("UNITER_FAST_TEST_CACHE")
+                              or str(tmp_path_factory.getbasetemp() / "uf_finetune_cache"))
     e["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         e.pop(k, None)
