@@ -249,11 +249,14 @@ def test_summary_rows_name_baselines_and_targets():
             "mrc-kl_syn/obj_acc_chance": 0.1, "mrfr_syn/loss": 0.1,
             "mrfr_syn/mean_baseline": 0.25, "wra_syn/align_acc": 0.8,
             "wra_syn/align_acc_chance": 0.17, "wra_syn/ot_pair_acc": 0.95,
+            "wra_syn/ot_pair_acc_chance": 0.5, "wra_syn/phrase_align_acc": 0.3,
             "wra_syn/ot_pos": 0.2, "wra_syn/ot_neg": 0.4}
     rows = {r["metric"]: r for r in summary_rows(logs)}
     assert set(rows) == {"itm/acc", "mlm/obj_acc", "mrckl/obj_acc", "mrfr/loss",
-                         "wra/align_acc", "wra/ot_pair_acc"}
+                         "wra/align_acc", "wra/phrase_align_acc", "wra/ot_pair_acc"}
     assert rows["itm/acc"]["ok"] and not rows["mlm/obj_acc"]["ok"]
+    assert rows["wra/ot_pair_acc"]["ok"] and rows["wra/ot_pair_acc"]["baseline"] == 0.5
+    assert "ok" not in rows["wra/align_acc"] and rows["wra/phrase_align_acc"]["baseline"] == 0.17
     assert rows["mrfr/loss"]["ok"] and rows["mrfr/loss"]["baseline"] == 0.25
     logs["mrfr_syn/loss"] = 0.2
     assert not {r["metric"]: r for r in summary_rows(logs)}["mrfr/loss"]["ok"]
