@@ -20,12 +20,13 @@ from torch import nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 
 from .. import ops
+from ..constants import ATTENTION_MASK_VALUE
 
 __all__ = ["MultiheadAttention", "AttentionPool", "MASK_FILL"]
 
 #: additive score of a masked key / pooled position (UNITER uses −10000 in the encoder
 #: and −1e4 in ``AttentionPool``)
-MASK_FILL = -10000.0
+MASK_FILL = ATTENTION_MASK_VALUE
 
 
 class MultiheadAttention(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..constants import ATTENTION_MASK_VALUE, LAYER_NORM_EPS
 from .finetune_base import UniterFinetuneModel, check_class_targets
 from .layer import GELU, LayerNorm
 from .model import UniterModel, check_encoder_batch
@@ -32,7 +33,7 @@ __all__ = ["UniterForReferringExpressionComprehension", "re_train_loss", "sample
 
 RE_LOSSES = ("cls", "rank")
 #: score given to padded (non-object) regions
-RE_MASK_VALUE = -1e4
+RE_MASK_VALUE = ATTENTION_MASK_VALUE
 
 
 def re_train_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class UniterForReferringExpressionComprehension(UniterFinetuneModel):
         if mlp == 1:
             self.re_output = nn.Linear(h, 1)
         elif mlp == 2:
-            self.re_output = nn.Sequential(nn.Linear(h, h), GELU(), LayerNorm(h, eps=1e-12),
+            self.re_output = nn.Sequential(nn.Linear(h, h), GELU(), LayerNorm(h, eps=LAYER_NORM_EPS),
                                            nn.Linear(h, 1))
         else:
             raise ValueError(f"mlp must be 1 or 2 (layers of the RE head), got {mlp!r}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import LAYER_NORM_EPS
 from .finetune_base import UniterFinetuneModel
 from .layer import LayerNorm
 from .model import UniterModel, check_encoder_batch
@@ -87,7 +88,7 @@ class UniterForVisualCommonsenseReasoning(UniterFinetuneModel):
         h = config.hidden_size
         self.uniter = UniterModel(config, img_dim)
         self.vcr_output = nn.Sequential(nn.Linear(h, h * 2), nn.ReLU(),
-                                        LayerNorm(h * 2, eps=1e-12), nn.Linear(h * 2, 2))
+                                        LayerNorm(h * 2, eps=LAYER_NORM_EPS), nn.Linear(h * 2, 2))
         self.apply(self.init_weights)
 
     def init_type_embedding(self) -> None:

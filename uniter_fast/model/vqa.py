@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import LAYER_NORM_EPS
 from .finetune_base import UniterFinetuneModel, check_soft_targets
 from .layer import GELU, LayerNorm
 from .model import UniterModel
@@ -40,7 +41,7 @@ class UniterForVisualQuestionAnswering(UniterFinetuneModel):
         self.num_answer = num_answer
         self.uniter = UniterModel(config, img_dim)
         h = config.hidden_size
-        self.vqa_output = nn.Sequential(nn.Linear(h, h * 2), GELU(), LayerNorm(h * 2, eps=1e-12),
+        self.vqa_output = nn.Sequential(nn.Linear(h, h * 2), GELU(), LayerNorm(h * 2, eps=LAYER_NORM_EPS),
                                         nn.Linear(h * 2, num_answer))
         self.apply(self.init_weights)
 
