@@ -7,8 +7,12 @@
 
 The table goes between ``<!-- perf-table:begin -->`` and
 ``<!-- perf-table:end -->``; nothing else in the README is touched.  One
-table row per headline benchmark and fast backend, from the newest result
-file of each device; every row names its device and date.  GB/s is the
+table row per headline benchmark and fast backend.  Rows are merged across
+all result files of a device: for each (device, row key) -- op, mode,
+backend, dtype, shape -- the row of the newest file wins, so re-running one
+benchmark replaces only its own rows.  Every row names its device and the
+date of the file it came from; the footnote lists every file that
+contributed a row.  GB/s is the
 memory floor (bytes an ideal kernel must move) over the median time; on a
 known card also as a share of its datasheet bandwidth.  Plots: one PNG
 per result file and op, speed-up over the reference against batch size and
@@ -57,15 +61,44 @@ def run_date(doc: Dict[str, object]) -> str:
     return str(doc.get("created", ""))[:10]
 
 
-def newest_per_device(docs: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    best: Dict[str, Dict[str, object]] = {}
-    for d in docs:
-        key = device_name(d)
-        if key not in best or str(d.get("created", "")) > str(best[key].get("created", "")):
-            best[key] = d
-    # GPU results first, then CPU
-    return sorted(best.values(), key=lambda d: (d["env"].get("device_type") != "cuda",
-                                                device_name(d)))
+def _age(doc: Dict[str, object]) -> Tuple[str, str, str]:
+    """Oldest first; files created in the same second are ordered by name."""
+    return (str(doc.get("created", "")), os.path.basename(doc["_path"]), doc["_path"])
+
+
+def table_rows(doc: Dict[str, object]) -> List[Dict[str, object]]:
+    """The rows of a file that go into the table: headline, fast backend, with a
+    reference baseline."""
+    return [r for r in doc["results"] if r.get("headline") and r["backend"] != "reference"
+            and "reference" in r["speedup"]]
+
+
+def row_key(r: Dict[str, object]) -> Tuple[str, str, str, str, str]:
+    """What identifies a table row across result files of one device."""
+    return (str(r["op"]), str(r["mode"]), str(r["backend"]), str(r.get("dtype", "")),
+            json.dumps(r["shape"], sort_keys=True, default=str))
+
+
+def merge_per_device(docs: Sequence[Dict[str, object]]
+                     ) -> List[Tuple[str, List[Tuple[Dict[str, object], Dict[str, object]]]]]:
+    """[(device, [(source file, row), ...]), ...]: per device, the table rows of all
+    its files, the newest file's row for each ``row_key``.  GPUs first, then CPUs,
+    by name; rows in table order.  Independent of the order of ``docs``."""
+    merged: Dict[str, Dict[Tuple[str, ...], Tuple[Dict[str, object], int, Dict[str, object]]]] = {}
+    is_gpu: Dict[str, bool] = {}
+    for doc in sorted(docs, key=_age):                  # newer files overwrite older rows
+        dev = device_name(doc)
+        is_gpu[dev] = is_gpu.get(dev, False) or doc["env"].get("device_type") == "cuda"
+        rows = merged.setdefault(dev, {})
+        for i, r in enumerate(table_rows(doc)):
+            rows[row_key(r)] = (doc, i, r)
+    out = []
+    for dev in sorted(merged, key=lambda d: (not is_gpu[d], d)):
+        picked = sorted(merged[dev].values(),
+                        key=lambda t: (_row_key(t[2]), _age(t[0]), t[1]))
+        if picked:
+            out.append((dev, [(doc, r) for doc, _, r in picked]))
+    return out
 
 
 # ---------------------------------------------------------------- formatting
@@ -102,19 +135,39 @@ def describe(r: Dict[str, object]) -> Tuple[str, str]:
         name = f"WRA distance from embeddings {r['mode']} (cost + ipot + trace)"
         shape = f"B={s['B']} {s['M']}×{s['N']} D={s['D']} it={s['iteration']}, {dt}"
     elif op == "itr_eval":
-        name = "retrieval eval, full ranking (pairs/s)"
+        name = "retrieval eval, full ranking: fast scorer vs the original per-caption loop"
+        pairs = (s["texts"] * s["images"] if isinstance(s.get("texts"), int)
+                 and isinstance(s.get("images"), int) else "?")
         shape = (f"{s.get('config')} ({s.get('layers')} layers, hidden {s.get('hidden')}), "
-                 f"{s.get('texts')}×{s.get('images')} pairs, {s.get('precision', dt)}")
+                 f"{s.get('texts')} captions × {s.get('images')} images = {pairs} pairs, "
+                 f"{s.get('precision', dt)}")
     else:
         name = f"{op} {r['mode']}"
         shape = ", ".join(f"{k}={v}" for k, v in s.items()) + f", {dt}"
     return name, shape
 
 
+# How a row's non-reference baselines are named in the table, per op (default: the
+# baseline's own name); the reference baseline of itr_eval is the original loop on
+# the reference ops.
+BASELINE_LABEL = {"itr_eval": {"reference": "original loop, reference ops",
+                               "loop+auto": "the loop on fast ops"}}
+
+
+def baseline_label(r: Dict[str, object], name: str) -> str:
+    return BASELINE_LABEL.get(r["op"], {}).get(name, name)
+
+
 def throughput(r: Dict[str, object], peak_gbps: Optional[float] = None) -> str:
     parts = []
     if "pairs_per_s" in r:
-        parts.append(fmt_si(r["pairs_per_s"], "pairs/s"))
+        text = fmt_si(r["pairs_per_s"], "pairs/s")
+        base = r.get("baseline_pairs_per_s") or {}
+        if base:   # reference first, then the other baselines by name
+            names = sorted(base, key=lambda k: (k != "reference", k))
+            text += " vs " + ", ".join(f"{fmt_si(base[k], 'pairs/s')} ({baseline_label(r, k)})"
+                                       for k in names)
+        parts.append(text)
     if "tokens_per_s" in r:
         parts.append(fmt_si(r["tokens_per_s"], "tok/s"))
     if "gbps" in r:
@@ -138,23 +191,24 @@ def table(docs: Sequence[Dict[str, object]]) -> str:
     lines = ["| Benchmark | Shape | Backend | Time (median) | Reference | Speed-up | "
              "Throughput | Device | Date |",
              "|---|---|---|---:|---:|---:|---|---|---|"]
-    for doc in newest_per_device(docs):
-        dev, date = device_name(doc), run_date(doc)
-        peak = doc["env"].get("nominal_mem_gbps")
-        rows = [r for r in doc["results"] if r.get("headline") and r["backend"] != "reference"
-                and "reference" in r["speedup"]]
-        for r in sorted(rows, key=_row_key):
+    sources = set()
+    for dev, rows in merge_per_device(docs):
+        for doc, r in rows:
+            sources.add(os.path.basename(doc["_path"]))
+            peak = doc["env"].get("nominal_mem_gbps")
             name, shape = describe(r)
             ref_t = r["baselines"]["reference"]["median_s"]
             speed = f"**{r['speedup']['reference']:.2f}×**"
-            others = [f"{v:.2f}× vs {k}" for k, v in r["speedup"].items() if k != "reference"]
+            others = [f"{v:.2f}× vs {baseline_label(r, k)}" for k, v in r["speedup"].items()
+                      if k != "reference"]
             if others:
                 speed += " (" + ", ".join(others) + ")"
             lines.append(f"| {name} | {shape} | {r['backend']} | {fmt_time(r['median_s'])} | "
-                         f"{fmt_time(ref_t)} | {speed} | {throughput(r, peak)} | {dev} | {date} |")
+                         f"{fmt_time(ref_t)} | {speed} | {throughput(r, peak)} | {dev} | "
+                         f"{run_date(doc)} |")
     if len(lines) == 2:
         raise ValueError("no headline results with a reference baseline in the given files")
-    src = ", ".join(sorted(os.path.basename(d["_path"]) for d in newest_per_device(docs)))
+    src = ", ".join(sorted(sources))
     lines.append("")
     lines.append(f"<sub>Generated by `python benchmarks/report.py --readme README.md` from "
                  f"{src}. Speed-up = reference median / backend median, timed in the same run "

@@ -87,16 +87,19 @@ def _cpu():
     return d
 
 
-def test_table_rows_come_from_headline_fast_backends_of_newest_file(tmp_path):
+def _table_rows(text):
+    return [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| Benchmark")]
+
+
+def test_table_rows_come_from_headline_fast_backends(tmp_path):
     docs = [report.load(_write(tmp_path, n, d)) for n, d in
-            (("new.json", SAMPLE), ("old.json", _older()), ("cpu.json", _cpu()))]
+            (("new.json", SAMPLE), ("cpu.json", _cpu()))]
     text = report.table(docs)
-    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| Benchmark")]
+    rows = _table_rows(text)
     # SAMPLE: triton fwd, sdpa fwd, triton fwd+bwd, ipot cuda, model auto; CPU file: ipot cpp
     assert len(rows) == 6
     assert not any("| reference |" in r for r in rows)      # baselines are not rows
     assert not any("B=32 H=12" in r for r in rows)          # non-headline sweep point
-    assert not any("B=999" in r for r in rows)              # older file of the same card
     for r in rows[:5]:
         assert r.endswith(f"| {H100} | 2026-11-20 |")
     assert rows[5].endswith("| CPU AMD EPYC (2 threads) | 2026-11-27 |")  # GPU rows first
@@ -115,7 +118,80 @@ def test_table_rows_come_from_headline_fast_backends_of_newest_file(tmp_path):
     assert "150 GB/s (5% of peak)" in ipot
     cpu = rows[5]
     assert "| 10 GB/s |" in cpu                                     # no datasheet for CPUs
-    assert "new.json" in text and "cpu.json" in text and "old.json" not in text
+    assert "new.json, cpu.json" not in text and "from cpu.json, new.json." in text
+
+
+def _itr_row(pairs_s, ref_pairs_s, loop_pairs_s):
+    pairs = 24 * 48
+    shape = {"texts": 24, "images": 48, "txt_len": [8, 30], "num_bb": [10, 36], "img_dim": 2048,
+             "mini_batch": 24, "config": "uniter-tiny", "layers": 2, "hidden": 64,
+             "precision": "fp32"}
+    r = _row("itr_eval", "auto", pairs / pairs_s, pairs / ref_pairs_s, shape=shape,
+             others={"loop+auto": pairs / loop_pairs_s},
+             extra={"pairs": pairs, "pairs_per_s": float(pairs_s),
+                    "baseline_pairs_per_s": {"reference": float(ref_pairs_s),
+                                             "loop+auto": float(loop_pairs_s)}})
+    r["dtype"] = "float32"
+    return r
+
+
+def test_rows_are_merged_across_the_files_of_a_device(tmp_path):
+    """Re-running one benchmark replaces only its own rows: per (device, row key) the newest
+    file's row, other rows from older files kept; the footnote names every contributing file."""
+    ipot_old = _cpu()                                            # 11-27: ipot B=32 + B=256
+    ipot_old["results"].append(_row("ipot", "cpp", 20e-3, 100e-3,
+                                    shape={"B": 256, "M": 60, "N": 100, "iteration": 50}))
+    ipot_new = _cpu()                                            # 11-28: ipot B=32 again
+    ipot_new["created"] = "2026-11-28T08:00:00"
+    ipot_new["results"][0]["median_s"] = 1e-3                    # 9.00× instead of 4.50×
+    ipot_new["results"][0]["speedup"]["reference"] = 9.0
+    itr = _cpu()                                                 # 11-29: only the ITR benchmark
+    itr["created"] = "2026-11-29T10:00:00"
+    itr["results"] = [_itr_row(1200.0, 240.0, 300.0)]
+    gpu_old = _older()                                           # H100 11-01: ipot B=999 only
+    gpu_same_key = copy.deepcopy(SAMPLE["results"][5])           # H100 11-01: ipot B=256, slower
+    gpu_same_key["median_s"], gpu_same_key["speedup"]["reference"] = 4e-3, 2.0
+    gpu_old["results"].append(gpu_same_key)
+    named = [("b_itr.json", itr), ("c_ipot_new.json", ipot_new), ("a_ipot_old.json", ipot_old),
+             ("new.json", SAMPLE), ("old.json", gpu_old)]
+    docs = [report.load(_write(tmp_path, n, d)) for n, d in named]
+    text = report.table(docs)
+    assert report.table(list(reversed(docs))) == text           # independent of file order
+    rows = _table_rows(text)
+    cpu = [r for r in rows if "| CPU AMD EPYC (2 threads) |" in r]
+    assert len(cpu) == 3                                          # itr + ipot B=32 + ipot B=256
+    assert cpu[0].startswith("| retrieval eval, full ranking")   # OP_ORDER: itr before ipot
+    assert cpu[0].endswith("| 2026-11-29 |")
+    b32 = [r for r in cpu if "| B=32 60×100" in r]
+    assert len(b32) == 1 and "**9.00×**" in b32[0] and b32[0].endswith("| 2026-11-28 |")
+    b256 = [r for r in cpu if "| B=256 60×100" in r]
+    assert len(b256) == 1 and "**5.00×**" in b256[0] and b256[0].endswith("| 2026-11-27 |")
+    gpu = [r for r in rows if f"| {H100} |" in r]
+    assert len(gpu) == 6                                          # SAMPLE's 5 + the B=999 row
+    ipot = [r for r in gpu if r.startswith("| ipot")]
+    assert [("B=256" in r, "B=999" in r) for r in ipot] == [(True, False), (False, True)]
+    assert "**100.00×**" in ipot[0] and ipot[0].endswith("| 2026-11-20 |")   # newer file wins
+    assert "**2.00×**" not in ipot[0] and ipot[1].endswith("| 2026-11-01 |")
+    assert ("from a_ipot_old.json, b_itr.json, c_ipot_new.json, new.json, old.json."
+            in text)
+    # a file whose every row has been replaced is not named
+    ipot_old["results"] = ipot_old["results"][:1]
+    docs[2] = report.load(_write(tmp_path, "a_ipot_old.json", ipot_old))
+    text = report.table(docs)
+    assert "a_ipot_old.json" not in text and "from b_itr.json, c_ipot_new.json," in text
+
+
+def test_itr_eval_row_shows_pairs_per_second_and_the_original_loop(tmp_path):
+    d = _cpu()
+    d["results"] = [_itr_row(1200.0, 240.0, 300.0)]
+    rows = _table_rows(report.table([report.load(_write(tmp_path, "i.json", d))]))
+    assert len(rows) == 1
+    assert rows[0].startswith(
+        "| retrieval eval, full ranking: fast scorer vs the original per-caption loop | "
+        "uniter-tiny (2 layers, hidden 64), 24 captions × 48 images = 1152 pairs, fp32 | auto | "
+        "960.00 ms | 4.80 s | **5.00×** (4.00× vs the loop on fast ops) | "
+        "1.2 kpairs/s vs 240 pairs/s (original loop, reference ops), "
+        "300 pairs/s (the loop on fast ops) |")
 
 
 def test_readme_markers_rewritten_in_place(tmp_path):
