@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
@@ -30,3 +31,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)
         elif item.get_closest_marker("cuda") is not None and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One ``UNITER_FAST_CACHE`` for the whole session, shared by the training tests
+    (synthetic dbs and the one-time synthetic pretraining run);
+    ``UNITER_FAST_TEST_CACHE`` reuses one across sessions."""
+    return (os.environ.get("UNITER_FAST_TEST_CACHE")
+            or str(tmp_path_factory.getbasetemp() / "uf_finetune_cache"))
+
+
+@pytest.fixture(scope="session")
+def default_pretrain_run(shared_cache):
+    """The default pretraining run (the packaged default config, ds.json, fp32 where bf16
+    would be emulated: what the main command runs), made once per session as fine-tuning's
+    ``synthetic:pretrain`` checkpoint and cached: its directory, standard output and
+    metrics records."""
+    import json
+
+    from uniter_fast.training.config import bf16_emulated, read_json
+    from uniter_fast.training.finetune import TRAIN_LOG_FILE, ensure_synthetic_pretrain
+    ds = os.path.join(ROOT, "ds.json")
+    precision = "fp32" if bf16_emulated(read_json(ds, "DeepSpeed config")) else None
+    saved = os.environ.get("UNITER_FAST_CACHE")
+    os.environ["UNITER_FAST_CACHE"] = shared_cache     # the run's own data goes there too
+    try:
+        pt = ensure_synthetic_pretrain({}, ds, precision, cache_dir=shared_cache,
+                                       progress=False)
+    finally:
+        if saved is None:
+            os.environ.pop("UNITER_FAST_CACHE", None)
+        else:
+            os.environ["UNITER_FAST_CACHE"] = saved
+    run = os.path.dirname(pt)
+    with open(os.path.join(run, TRAIN_LOG_FILE)) as f:
+        stdout = f.read()
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {"dir": run, "stdout": stdout, "records": records, "precision": precision}

@@ -60,11 +60,9 @@ TARGETS = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(shared_cache):
     e = dict(os.environ)
-    # UNITER_FAST_TEST_CACHE: reuse a cache (and its pretraining run) across sessions
-    e["UNITER_FAST_CACHE"] = (os.environ.get("UNITER_FAST_TEST_CACHE")
-                              or str(tmp_path_factory.getbasetemp() / "uf_finetune_cache"))
+    e["UNITER_FAST_CACHE"] = shared_cache   # conftest: one per session (or UNITER_FAST_TEST_CACHE)
     e["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         e.pop(k, None)

@@ -26,12 +26,9 @@ TARGETS = {"vqa": ("score", 0.7, 0.2), "ve": ("acc", 0.8, 0.2), "nlvr2": ("acc",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(shared_cache):
     e = dict(os.environ)
-    # one cache for the session, shared by the fine-tuning test files (dbs, pretraining run);
-    # UNITER_FAST_TEST_CACHE: reuse one across sessions
-    e["UNITER_FAST_CACHE"] = (os.environ.get("UNITER_FAST_TEST_CACHE")
-                              or str(tmp_path_factory.getbasetemp() / "uf_finetune_cache"))
+    e["UNITER_FAST_CACHE"] = shared_cache   # conftest: one per session (or UNITER_FAST_TEST_CACHE)
     e["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         e.pop(k, None)

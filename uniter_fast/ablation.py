@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .training.config import read_json
+from .training.config import bf16_emulated, read_json
 from .training.pretrain import DEFAULT_CONFIG
 
 __all__ = ["SETTINGS", "TABLES", "main", "run_setting", "format_tables"]
@@ -88,13 +88,6 @@ def _at(vals: List[Dict[str, float]], step) -> Dict[str, float]:
     if step is None or len(vals) < 2:
         return vals[-1]
     return vals[-2]
-
-
-def bf16_emulated() -> bool:
-    """No GPU and a CPU without native bf16 matmuls (AVX512-BF16 / AMX): bf16 training is
-    emulated there, several times slower than fp32."""
-    import torch
-    return not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def run_setting(name: str, seed: int, out: str, base_cfg: Dict[str, Any], ds_config: str,
@@ -196,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     precision = args.precision
     if precision == "auto":
-        precision = "fp32" if bf16_emulated() else None
+        ds = read_json(args.deepspeed_config, "DeepSpeed config")
+        precision = "fp32" if bf16_emulated(ds) else None
     jobs = [(s, seed) for seed in args.seeds for s in args.settings]
     if os.environ.get("OMP_NUM_THREADS") is None and args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"    # the runs share the cores

@@ -70,7 +70,9 @@ BUCKET_SIZE = 8192
 #: the ``checkpoint`` value meaning "the cached synthetic pretraining run"
 SYNTHETIC_PRETRAIN = "synthetic:pretrain"
 #: bump when the cached pretraining run's recipe changes (part of its cache key)
-PRETRAIN_CACHE_VERSION = 2
+PRETRAIN_CACHE_VERSION = 3
+#: the cached pretraining run's standard output
+TRAIN_LOG_FILE = "train_log.txt"
 #: written beside a cached pretraining run: the token ids its training texts contain
 TEXT_TOKENS_FILE = "text_tokens.json"
 
@@ -241,17 +243,6 @@ def resolve_synthetic(path: str, task: str, cfg: Dict[str, Any]) -> str:
     return ensure_task_dbs(_task_spec(task, cfg), world_spec(cfg))[part]
 
 
-def _bf16_emulated(ds: Dict[str, Any]) -> bool:
-    """The DeepSpeed config asks for bf16, the accelerator is the CPU and the CPU has no
-    native bf16 matmul (oneDNN's check: AVX512-BF16 / AMX), so bf16 would be emulated."""
-    if not (ds.get("bf16") or {}).get("enabled"):
-        return False
-    from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() != "cpu":
-        return False
-    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def _text_tokens(pre_cfg: Dict[str, Any]) -> List[int]:
     """Sorted token ids occurring in a pretraining config's training text dbs."""
     from ..data.build import resolve_path
@@ -321,14 +312,19 @@ def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
     (None: the DeepSpeed config's); it is exported with
     :func:`uniter_fast.export.to_pt`.  The cache key covers both configs, so changing
     either makes a new run.  Written into a temporary directory and renamed into
-    ``$UNITER_FAST_CACHE/pretrain-<name>-<key>/`` when complete.
+    ``$UNITER_FAST_CACHE/pretrain-<name>-<key>/`` when complete, with the run's
+    ``metrics.jsonl``, configs and standard output (``train_log.txt``).  Its validation and
+    checkpoint steps are the config's, so with the default config it is the default
+    pretraining run (the main command's).
     """
     from ..data.synthetic import FORMAT_VERSION, cache_root
     pre_path, pre, steps = _pretrain_section(cfg)
     pre = dict(pre, num_train_steps=steps, checkpoint=None)
     pre["warmup_steps"] = min(int(pre.get("warmup_steps", 0)), steps)
-    pre["save_steps"] = steps
-    pre["valid_steps"] = steps
+    # validation and checkpoints as the config says (with the default config this run is
+    # the default pretraining run; tests/test_convergence.py checks it), but at least at the end
+    for k in ("save_steps", "valid_steps"):
+        pre[k] = min(int(pre.get(k) or steps), steps)
     ds = read_json(ds_config_path, "DeepSpeed config")
     blob = json.dumps({"v": PRETRAIN_CACHE_VERSION, "synthetic": FORMAT_VERSION,
                        "cfg": {k: v for k, v in pre.items() if k != "output_dir"}, "ds": ds,
@@ -357,7 +353,16 @@ def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
             cmd += ["--precision", precision]
         if not progress:
             cmd += ["--no_progress"]
-        proc = subprocess.run(cmd, env=_clean_env())
+        # its standard output is shown and kept beside the run (train_log.txt)
+        with open(os.path.join(tmp, TRAIN_LOG_FILE), "w") as log:
+            proc = subprocess.Popen(cmd, env=dict(_clean_env(), PYTHONUNBUFFERED="1"),
+                                    stdout=subprocess.PIPE, text=True, bufsize=1)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            proc.stdout.close()
+            proc.wait()
+        sys.stdout.flush()
         if proc.returncode != 0:
             raise RuntimeError(f"the synthetic pretraining run failed (exit {proc.returncode}): "
                                f"{' '.join(cmd)}; its output is above")
@@ -453,8 +458,13 @@ class FinetuneTask(TrainTask):
 
     def __init__(self):
         self.ds_config_path = "ds.json"
-        self.precision: Optional[str] = None
+        self._args = None
         self.progress = True
+
+    @property
+    def precision(self) -> Optional[str]:
+        """``--precision`` as the Trainer settled it (fp32 where bf16 would be emulated)."""
+        return getattr(self._args, "precision", None)
 
     # ---------------------------------------------------------------- config
     def configure(self, cfg, ds_config, args) -> None:
@@ -465,14 +475,8 @@ class FinetuneTask(TrainTask):
         normalize_config(self.name, cfg)
         _apply_optim(cfg, ds_config)
         self.ds_config_path = getattr(args, "deepspeed_config", None) or "ds.json"
-        self.precision = getattr(args, "precision", None)
+        self._args = args    # its precision is final only after the Trainer's setup
         self.progress = not getattr(args, "no_progress", False)
-        if self.precision is None and _bf16_emulated(ds_config):
-            ds_config["bf16"]["enabled"] = False
-            self.precision = "fp32"
-            print("[finetune] this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32, "
-                  "several times faster here than emulated bf16 (--precision bf16 forces it)",
-                  flush=True)
 
     def _resolve(self, cfg: Dict[str, Any]) -> None:
         """Synthetic paths and checkpoint made real (generated on first use)."""

@@ -25,7 +25,13 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_lib
 from ..data import move_to_device
-from .config import build_arg_parser, load_configs
+from .config import (
+    PRECISIONS,
+    apply_precision,
+    build_arg_parser,
+    fp32_if_bf16_emulated,
+    load_configs,
+)
 from .distributed import barrier, init_distributed, setup_device
 from .engine import create_engine, full_state_dict
 from .metrics import MetricsWriter, RunningMean, progress_bar, rewind_jsonl
@@ -74,8 +80,15 @@ class Trainer:
         # with the same message -- an existing run without --resume, nothing to resume,
         # a checkpoint of another ZeRO stage / precision / world size
         self.resume_tag = ckpt_lib.check_output_dir(self.out_dir, args.resume, args.resume_tag)
-        if self.resume_tag is not None:
+        if self.resume_tag is None:
+            # a new run without --precision: fp32 where bf16 would be emulated
+            fp32_if_bf16_emulated(self.ds_config, args, getattr(task, "name", "train"))
+        else:
             stored = ckpt_lib.stored_settings(self.ckpt_dir, self.resume_tag)
+            if stored and args.precision is None and stored.get("precision") in PRECISIONS:
+                # without --precision a resumed run keeps its checkpoint's precision
+                args.precision = stored["precision"]
+                apply_precision(self.ds_config, args.precision)
             if stored:
                 world = int(os.environ.get("WORLD_SIZE", "1"))    # set by every launcher
                 ckpt_lib.check_settings(stored, ckpt_lib.ds_settings(self.ds_config, world),
