@@ -12,9 +12,12 @@ DS = os.path.join(ROOT, "ds.json")
 
 
 def train_cmd(config, out, *extra, steps=8, save=2):
+    """train.py in bf16 on every CPU (a new run would train in fp32 where bf16 is emulated):
+    these tests check the bf16 checkpoint layout and that export takes the fp32 masters;
+    a later ``--precision`` in ``extra`` wins."""
     return [sys.executable, TRAIN, "--config", config, "--deepspeed_config", DS,
             "--num_train_steps", str(steps), "--save_steps", str(save), "--output_dir", out,
-            "--no_progress", *extra]
+            "--no_progress", "--precision", "bf16", *extra]
 
 
 def run(cmd, env, ok=True, timeout=300):
