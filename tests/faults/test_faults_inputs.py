@@ -124,6 +124,32 @@ def test_ot_inputs_wrong_shape_named(model):
         model(b, "itm")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_layer_norm_and_gelu_name_a_non_floating_input(backend):
+    """An int tensor (token ids) into layer_norm said "mixed dtype (CPU)"; now the op names
+    the argument and the dtype, on every backend (the model's LayerNorm goes through it)."""
+    from uniter_fast import ops
+    from uniter_fast.model.layer import LayerNorm
+    x = torch.randint(0, 5, (2, 8))
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    with pytest.raises(TypeError, match=r"layer_norm input must be a floating tensor, got "
+                                        r"torch\.int64 \(token ids\?"):
+        ops.layer_norm(x, w, b, 1e-12, backend=backend)
+    with pytest.raises(TypeError, match=r"layer_norm weight must be a floating tensor, got "
+                                        r"torch\.int32"):
+        ops.layer_norm(x.float(), w.int(), b, 1e-12, backend=backend)
+    with pytest.raises(TypeError, match="layer_norm input must be a floating tensor"):
+        LayerNorm(8)(x)
+    with pytest.raises(TypeError, match=r"gelu input must be a floating tensor, got torch\.int64"):
+        ops.gelu(x, backend=backend)
+    # floating input still goes through, equal to the formula
+    xf = torch.randn(3, 8, dtype=torch.float64)
+    ref = (xf - xf.mean(-1, keepdim=True)) / torch.sqrt(xf.var(-1, unbiased=False, keepdim=True)
+                                                       + 1e-12) * w.double() + b.double()
+    out = ops.layer_norm(xf.float(), w, b, 1e-12, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def _write(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text)
