@@ -17,6 +17,28 @@ any pattern; beta finite > 0; iteration, k >= 1.  Backends receive the
 detached cost (``ipot``) or the cost (``ipot_distance``), the pads as bool
 tensors and ``beta`` / ``iteration`` / ``k`` as float / int / int.
 
+Small beta and offset costs: float32 IPOT needs the cost its kernel sees in
+[0, IPOT_MAX_COST_OVER_BETA · beta] on the real block (else exp(-C/beta)
+under- or overflows and the plan is NaN), and rows whose entries all lie far
+above 0 make the scalings huge and the kernels' intermediate products (δ ⊙ Q
+before sigma) underflow.  A cost whose real entries lie in
+[0, IPOT_ROW_SHIFT_SLACK · beta] (UNITER's: [0, 2] at beta = 0.5) goes to the
+backend unchanged.  Otherwise the op subtracts each column's minimum over the
+real rows (the plan is exactly unchanged: delta absorbs a column factor of
+exp(-C/beta)) and then each row's remaining minimum less
+IPOT_ROW_SHIFT_SLACK · beta (a row factor is absorbed by sigma from the first
+sigma update on; before it, in the first delta, such a row weighs at most
+exp(-slack) of a column's total, shifted or not), see :func:`kernel_cost`;
+the distance is then trace(C·T) of the original cost, from the plan.  A cost
+that still spans more than IPOT_MAX_COST_OVER_BETA · beta after the shifts
+cannot be computed in float32: ValueError naming beta and the smallest beta
+that would do.  Deciding this reads two scalars (a host sync on a GPU).
+Within that limit float32 IPOT can still lose entries of the plan on some
+costs at large span / beta (above ~12 in the tests; an entry whose exact value
+dips below float32's range for a few iterations cannot come back, Q = A ⊙ T):
+where a whole row or column vanishes the result would be NaN, and the ops raise
+a ValueError saying so instead (:func:`check_finite`).
+
 Backends: ``cuda`` (csrc/ipot_cuda.cu, one block per example), ``triton``
 (kernels/ipot_triton.py, one program per example; on CPU only under
 TRITON_INTERPRET=1 and never picked by "auto" there), ``cpp``
@@ -28,7 +50,13 @@ from typing import Optional
 
 import torch
 
-from ..constants import IPOT_BETA, IPOT_INNER_ITERATIONS, IPOT_ITERATIONS
+from ..constants import (
+    IPOT_BETA,
+    IPOT_INNER_ITERATIONS,
+    IPOT_ITERATIONS,
+    IPOT_MAX_COST_OVER_BETA,
+    IPOT_ROW_SHIFT_SLACK,
+)
 from ..reference import ot as _ref
 from . import _registry
 
@@ -73,6 +101,74 @@ def check_inputs(C, txt_pad, img_pad, beta, iteration, k):
     tp = as_pad(txt_pad, "txt_pad", C.shape[:2], C.device)
     ip = as_pad(img_pad, "img_pad", (C.size(0), C.size(2)), C.device)
     return (tp, ip) + check_params(beta, iteration, k)
+
+
+def shifted_cost(C, tp, ip, beta):
+    """(C', span): the cost with each column's minimum over the real rows and then
+    each row's remaining minimum less IPOT_ROW_SHIFT_SLACK · beta (not below 0)
+    subtracted, float32, 0 on padded entries; span [B] = the largest finite real
+    entry of C' per example (0 for an empty example).  Computed in float64 for a
+    float64 C, else in float32 (a difference of two float32 within a factor of two
+    of each other is exact).  The IPOT plan of C' is the plan of C: see the module
+    docstring."""
+    B = C.size(0)
+    work = C.detach()
+    work = work if work.dtype == torch.float64 else work.float()
+    if work.numel() == 0:
+        return work.float(), work.new_zeros(B, dtype=torch.float32)
+    pad = tp[:, :, None] | ip[:, None, :]
+    inf = float("inf")
+    col = work.masked_fill(pad, inf).amin(1, keepdim=True)               # [B, 1, N]
+    work = work - torch.where(torch.isfinite(col), col, torch.zeros_like(col))
+    row = work.masked_fill(pad, inf).amin(2, keepdim=True)               # [B, M, 1]
+    row = torch.where(torch.isfinite(row), row, torch.zeros_like(row))
+    work = (work - (row - IPOT_ROW_SHIFT_SLACK * beta).clamp(min=0)).masked_fill(pad, 0)
+    finite = torch.where(torch.isfinite(work), work, torch.zeros_like(work))
+    return work.float(), finite.amax(dim=(1, 2)).float()
+
+
+def kernel_cost(C, tp, ip, beta):
+    """(cost the backend gets, whether it is C itself): ``C.detach()`` when C's
+    real entries lie in [0, IPOT_ROW_SHIFT_SLACK · beta] (float32 IPOT runs on it
+    as is), else :func:`shifted_cost`'s C'.  ValueError when even C' spans
+    more than IPOT_MAX_COST_OVER_BETA · beta (beta too small for this cost)."""
+    C = C.detach()
+    if C.numel() == 0:
+        return C, True
+    as_is = IPOT_ROW_SHIFT_SLACK * beta
+    lo, hi = torch.aminmax(C)
+    if bool((lo >= 0) & (hi <= as_is)):
+        return C, True
+    lo, hi = torch.aminmax(C.masked_fill(tp[:, :, None] | ip[:, None, :], 0))
+    if bool((lo >= 0) & (hi <= as_is)):   # only padded entries were out of range
+        return C, True
+    limit = IPOT_MAX_COST_OVER_BETA * beta
+    cost, span = shifted_cost(C, tp, ip, beta)
+    worst = int(span.argmax())
+    top = float(span[worst])
+    if top > limit:
+        raise ValueError(
+            f"beta={beta:g} is too small for this cost: after subtracting each column's and "
+            f"row's minimum (which leaves the plan unchanged) the real entries of example "
+            f"{worst} still span {top:.6g}, and float32 IPOT needs span / beta <= "
+            f"{IPOT_MAX_COST_OVER_BETA:g} (exp(-C/beta) and the scalings must stay normal "
+            f"float32 numbers); this cost needs beta >= {top / IPOT_MAX_COST_OVER_BETA:.6g}")
+    return cost, False
+
+
+def check_finite(result, beta, inputs):
+    """ValueError when IPOT returned a non-finite plan / distance from finite
+    inputs (float32 lost a whole row or column of the plan); one reduction
+    over ``result``, and ``inputs()`` (the tensors that must be finite) is
+    called only when it failed."""
+    if result.numel() == 0 or bool(torch.isfinite(result).all()):
+        return result
+    if all(bool(torch.isfinite(t).all()) for t in inputs()):
+        raise ValueError(
+            f"IPOT at beta={beta:g} gave a non-finite result from a finite input: in float32 "
+            f"a row or column of the plan fell below float32's range during the iterations "
+            f"(its exact entries dip that low for this cost at this beta); use a larger beta")
+    return result
 
 
 # ----------------------------------------------------------------- backends
@@ -188,7 +284,9 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
     fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    return fn(C.detach(), tp, ip, beta, iteration, k)
+    cost = kernel_cost(C, tp, ip, beta)[0]
+    return check_finite(fn(cost, tp, ip, beta, iteration, k), beta,
+                        lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
 
 
 def distance_unchecked(C, tp, ip, beta, iteration, k, backend=None):
@@ -203,6 +301,17 @@ def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     """trace(C·T) per example, [B] float32, T the IPOT plan of the detached C.
 
     Same contract as :func:`uniter_fast.reference.ipot_distance`: gradient
-    through C only, padded entries of a finite C do not contribute."""
+    through C only, padded entries of a finite C do not contribute.  Small beta
+    and offset costs: see the module docstring (the distance is always C's)."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    return distance_unchecked(C, tp, ip, beta, iteration, k, backend)
+    cost, unchanged = kernel_cost(C, tp, ip, beta)
+    if unchanged:
+        return check_finite(distance_unchecked(C, tp, ip, beta, iteration, k, backend), beta,
+                            lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
+    # the plan of the shifted cost on the backend ipot_distance would run, the trace
+    # of the original cost (gradient Tᵀ by autograd)
+    name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
+    T = _registry.resolve(OP, name, C.device, C.dtype)(cost, tp, ip, beta, iteration, k)
+    check_finite(T, beta, lambda: [cost])
+    real = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
+    return (real * T.transpose(1, 2)).sum(dim=(1, 2))

@@ -5,7 +5,12 @@ alignment distance [B] (float32) from the embeddings, what the model calls.
 Input contract (checked here once): txt_emb [B, M, D] and img_emb [B, N, D]
 floating on one device (computed in float32), txt_pad [B, M] / img_pad
 [B, N] bool or integer masks (1 = padded, any pattern), beta finite > 0,
-iteration and k >= 1.  An empty text or image side gives distance 0.  The
+iteration and k >= 1, beta >= WRA_MIN_BETA = 0.025 (the cost 1 - cos spans
+up to 2 and float32 IPOT needs span / beta <= IPOT_MAX_COST_OVER_BETA = 80, see
+:mod:`uniter_fast.ops.ipot`; the cost is >= 0, so no shift is needed and a
+smaller beta raises a ValueError saying so; so does a non-finite distance
+from finite embeddings, see :func:`uniter_fast.ops.ipot.check_finite`).  An
+empty text or image side gives distance 0.  The
 gradient flows through the cosine cost only (the plan is a constant), as in
 UNITER.  Backends receive float32 embeddings and bool pads:
 ``fn(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)``.
@@ -26,11 +31,24 @@ from typing import Optional
 
 import torch
 
-from ..constants import COSINE_EPS, IPOT_BETA, IPOT_INNER_ITERATIONS, IPOT_ITERATIONS
+from ..constants import (
+    COSINE_EPS,
+    IPOT_BETA,
+    IPOT_INNER_ITERATIONS,
+    IPOT_ITERATIONS,
+    IPOT_MAX_COST_OVER_BETA,
+    WRA_MIN_BETA,
+)
 from ..reference import ot as _ref
 from . import _registry
 from .cost import check_embeddings, cosine_cost_unchecked
-from .ipot import _ext_available, _triton_available, check_params, distance_unchecked
+from .ipot import (
+    _ext_available,
+    _triton_available,
+    check_finite,
+    check_params,
+    distance_unchecked,
+)
 
 WRA_OP = "optimal_transport_dist"
 
@@ -109,5 +127,14 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
     if tp is None or ip is None:
         raise ValueError("txt_pad and img_pad are required (1 = padded; all zeros for none)")
     beta, iteration, k = check_params(beta, iteration, k)
+    if beta < WRA_MIN_BETA:
+        raise ValueError(
+            f"beta={beta:g} is below the WRA distance's minimum {WRA_MIN_BETA:g}: its cost "
+            f"1 - cos spans up to 2, and float32 IPOT needs span / beta <= "
+            f"{IPOT_MAX_COST_OVER_BETA:g} (exp(-C/beta) and the scalings must stay normal "
+            f"float32 numbers)")
     fn = _registry.resolve(WRA_OP, backend, txt_emb.device, torch.float32)
-    return fn(txt_emb.float(), img_emb.float(), tp, ip, beta, iteration, k)
+    x, y = txt_emb.float(), img_emb.float()
+    dist = fn(x, y, tp, ip, beta, iteration, k)
+    return check_finite(dist, beta, lambda: [x.masked_fill(tp[:, :, None], 0),
+                                             y.masked_fill(ip[:, :, None], 0)])
