@@ -74,13 +74,13 @@ def test_mlm_object_words(default_run):
     val = default_run["val"]
     _check(default_run, "mlm/obj_acc", 0.6)
     assert val["mlm_synthetic/obj_acc"] > 3 * val["mlm_synthetic/obj_acc_majority"]
-    # the untrained model starts near log(vocab) on MLM; validation ends below half of that
+    # MLM loss (all masked words) on held-out captions: below a quarter of a uniform
+    # guess's log(vocab), and below half of the first logged training loss
     mlm = [r["loss"] for r in default_run["records"]
            if r.get("task", "").startswith("mlm") and "event" not in r]
-    first = sum(mlm[:3]) / 3
     vocab = _vocab_size(default_run["cfg"])
-    assert first > 0.8 * math.log(vocab), (first, vocab)
-    assert val["mlm_synthetic/loss"] <= 0.5 * first, (first, val["mlm_synthetic/loss"])
+    assert val["mlm_synthetic/loss"] <= 0.25 * math.log(vocab), (val, vocab)
+    assert val["mlm_synthetic/loss"] <= 0.5 * mlm[0], (mlm[:3], val["mlm_synthetic/loss"])
 
 
 def test_mrc_kl_object_regions(default_run):
