@@ -47,7 +47,16 @@ def _export_round_trip(task, out, tmp_path, env):
     pt2 = str(tmp_path / f"{task}2.pt")
     _run(["-m", "uniter_fast.export", "to-pt", back, pt2, "--task", task], env)
     sd2 = torch.load(pt2, weights_only=True)
-    assert sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert sd2.keys() == sd.keys()
+    # an fp32 checkpoint (from-pt where bf16 is emulated) gives the weights back exactly; in
+    # bf16 DeepSpeed builds the fp32 masters from the bf16 module: bf16 rounding
+    from uniter_fast import checkpoint as ckpt_lib
+    with open(os.path.join(back, "latest")) as f:
+        precision = ckpt_lib.stored_settings(back, f.read().strip())["precision"]
+    for k in sd:
+        want = sd[k] if precision == "fp32" else sd[k].to(getattr(torch, {
+            "bf16": "bfloat16", "fp16": "float16"}[precision])).to(sd[k].dtype)
+        assert torch.equal(sd2[k], want), (k, precision)
 
 #: task -> (steps, {metric: minimum}); chance: ITM R@1 1/100 (images) and ~0.02 (texts),
 #: RE 1/6 (detected boxes), VCR Q->A 1/4, QA->R 1/4, joint 1/16

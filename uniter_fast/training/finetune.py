@@ -870,7 +870,7 @@ def checkpoint_from_state_dict(task_name: str, pt_path: str, ckpt_dir: str,
     builds it from the training config ``config`` (default: the task's synthetic one);
     continue it with ``finetune.py --task ... --output_dir <parent of ckpt_dir> --resume``."""
     from .. import checkpoint as ckpt_lib
-    from .config import build_arg_parser, load_configs
+    from .config import build_arg_parser, fp32_if_bf16_emulated, load_configs
     from .distributed import init_distributed
     from .engine import create_engine
     task = make_task(task_name)
@@ -883,6 +883,10 @@ def checkpoint_from_state_dict(task_name: str, pt_path: str, ckpt_dir: str,
         argv += ["--deepspeed_config", deepspeed_config]
     args = p.parse_args(argv)
     cfg, ds = load_configs(args, required=task.required_keys, known_keys=task.known_keys)
+    # the precision a new fine-tuning run would train in (fp32 where bf16 is emulated); in
+    # bf16/fp16 DeepSpeed builds the fp32 masters from the half-precision module, so the
+    # weights come back rounded to it
+    fp32_if_bf16_emulated(ds, args, "export")
     task.configure(cfg, ds, args)
     cfg["checkpoint"] = None
     tags = ckpt_lib.list_tags(ckpt_dir)
