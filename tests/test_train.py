@@ -72,7 +72,12 @@ def test_main_command_deepspeed_launcher(env, tmp_path):
         assert f.read().strip() == "global_step12"
     assert os.path.isdir(os.path.join(out, "ckpt", "global_step6"))
     start = [r for r in _records(os.path.join(out, "metrics.jsonl")) if r.get("event") == "start"]
-    assert start[0]["dtype"] == "torch.bfloat16" and start[0]["zero_stage"] == 2
+    # ds.json's bf16, or fp32 (and a line saying so) where bf16 would be emulated
+    from uniter_fast.training.config import bf16_emulated, read_json
+    emulated = bf16_emulated(read_json(DS, "DeepSpeed config"))
+    assert start[0]["dtype"] == ("torch.float32" if emulated else "torch.bfloat16"), start
+    assert start[0]["zero_stage"] == 2
+    assert ("no native bf16" in log and "training in fp32" in log) == emulated
 
 
 @pytest.mark.parametrize("stage", [2, 3])
