@@ -234,6 +234,9 @@ def from_pt(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
         args += ["--deepspeed_config", deepspeed_config]
     targs = train.build_arg_parser().parse_args(args)
     cfg, ds = train.load_configs(targs)
+    # the precision a new run would train in (fp32 where bf16 would be emulated)
+    from .training.config import fp32_if_bf16_emulated
+    fp32_if_bf16_emulated(ds, targs, "export")
     cfg["checkpoint"] = None
     # never over an existing checkpoint (a tag dir without 'latest' included)
     tags = ckpt_lib.list_tags(ckpt_dir)
