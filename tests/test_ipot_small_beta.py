@@ -62,6 +62,16 @@ WRA_BACKENDS = [(b, "cpu") for b in ops.available_backends("optimal_transport_di
 INTERPRETED = ("triton", "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (two threads on a loaded 2-core machine made
+    the reference sweep 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------- float64 transcription
 
 def _block(tp, ip, b):
