@@ -40,7 +40,7 @@ from .validation import reduce_sums, val_batches
 __all__ = ["WraEvalDataset", "wra_collate", "wra_loader", "validate_pretrain", "summary_rows",
            "format_summary", "TARGETS"]
 
-# The default run's targets on the synthetic data (README, "Pretraining figures"):
+# The default run's targets on the synthetic data (README, "What each objective learns"):
 # (label, metric, baseline metric or None, rule, threshold); rule "min": metric >= threshold,
 # "ratio_max": metric <= threshold x baseline, "report": shown beside its baseline, no target
 # (the WRA plan's word-level alignment is not reliable on the tiny model: README).
