@@ -44,16 +44,17 @@ def shared_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_pretrain_run(shared_cache):
-    """The default pretraining run (the packaged default config, ds.json, fp32 where bf16
-    would be emulated: what the main command runs), made once per session as fine-tuning's
-    ``synthetic:pretrain`` checkpoint and cached: its directory, standard output and
-    metrics records."""
+    """The default pretraining run (the packaged default config and ds.json, as the main
+    command runs them) in fp32 on every CPU, made once per session as fine-tuning's
+    ``synthetic:pretrain`` checkpoint (the fine-tuning tests pass ``--precision fp32`` too)
+    and cached: its directory, standard output and metrics records.  fp32 everywhere, so
+    that the convergence targets do not depend on which CPU the suite lands on (in bf16
+    the fine-tuning targets were not all met: README)."""
     import json
 
-    from uniter_fast.training.config import bf16_emulated, read_json
     from uniter_fast.training.finetune import TRAIN_LOG_FILE, ensure_synthetic_pretrain
     ds = os.path.join(ROOT, "ds.json")
-    precision = "fp32" if bf16_emulated(read_json(ds, "DeepSpeed config")) else None
+    precision = "fp32"
     saved = os.environ.get("UNITER_FAST_CACHE")
     os.environ["UNITER_FAST_CACHE"] = shared_cache     # the run's own data goes there too
     try:

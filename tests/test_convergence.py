@@ -2,9 +2,9 @@
 
 The default pretraining run, made once per test session by the ``default_pretrain_run``
 fixture (tests/conftest.py): the packaged default config and ds.json as the main command
-runs them (3000 steps, ZeRO-2; bf16, or fp32 on a CPU without native bf16, where the main
-command trains in fp32 too), cached as fine-tuning's ``synthetic:pretrain`` checkpoint
-so the fine-tuning tests start from the same run.  One test per objective on its last
+runs them (3000 steps, ZeRO-2), in fp32 on every CPU (what the main command does on a CPU
+without native bf16; the bf16 run's figures are in the README), cached as fine-tuning's
+``synthetic:pretrain`` checkpoint so the fine-tuning tests start from the same run.  One test per objective on its last
 validation (held-out images): each metric must reach the README's target (``TARGETS``
 in ``uniter_fast/training/pretrain_eval.py``, printed in the end-of-run table) and beat
 its chance / majority / mean baseline.  A wrong label alignment in a head, a mask

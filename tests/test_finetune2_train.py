@@ -88,7 +88,7 @@ def _run(args, env, timeout=1500):
 def _train(task, env, out):
     n, _ = TARGETS[task]
     _run([FT, "--task", task, "--deepspeed_config", DS, "--output_dir", out,
-          "--num_train_steps", str(n), "--valid_steps", str(n), "--save_steps", str(n),
+          "--precision", "fp32", "--num_train_steps", str(n), "--valid_steps", str(n), "--save_steps", str(n),
           "--no_progress"], env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if line.strip()]

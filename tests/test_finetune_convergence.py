@@ -45,7 +45,9 @@ def _free_port():
 def test_default_command_learns_the_task(env, tmp_path, task):
     from uniter_fast.data.synthetic_tasks import baselines
     out = str(tmp_path / "run")
-    args = [FT, "--task", task, "--deepspeed_config", DS, "--output_dir", out]
+    # fp32 on every CPU (conftest.default_pretrain_run): the targets are fp32 figures
+    args = [FT, "--task", task, "--deepspeed_config", DS, "--output_dir", out,
+            "--precision", "fp32"]
     if task == "ve":
         cmd = ["deepspeed", "--master_port", str(_free_port()), *args]
     else:

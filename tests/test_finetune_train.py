@@ -20,6 +20,8 @@ from oracle_finetune import layout as oracle_layout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FT = os.path.join(ROOT, "uniter_fast", "finetune.py")
 DS = os.path.join(ROOT, "ds.json")
+#: fp32 on every CPU: the one shared synthetic pretraining run (conftest) is fp32
+FP32 = ["--precision", "fp32"]
 CONFIGS = os.path.join(ROOT, "uniter_fast", "configs")
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,8 @@ def _config(task, tmp_path, name="cfg", **kw):
 def test_kill_and_resume_retraces_an_uninterrupted_run(env, tmp_path):
     n = 24
     path, _ = _config("vqa", tmp_path, "base", num_train_steps=n, save_steps=2, valid_steps=12)
-    common = [FT, "--task", "vqa", "--config", path, "--deepspeed_config", DS, "--no_progress"]
+    common = [FT, "--task", "vqa", "--config", path, "--deepspeed_config", DS, "--no_progress",
+              *FP32]
     ref = str(tmp_path / "ref")
     _run([sys.executable, *common, "--output_dir", ref], env)
     ref_steps = _steps(ref)
@@ -152,7 +155,7 @@ def test_metrics_results_inference_and_export(env, tmp_path, task, model):
     path, _ = _config(task, tmp_path, num_train_steps=6, save_steps=6, valid_steps=3, **extra)
     out = str(tmp_path / "cfg")
     p = _run([sys.executable, FT, "--task", task, "--config", path, "--deepspeed_config", DS,
-              "--debug_rank_files"], env)
+              "--debug_rank_files", *FP32], env)
     log = p.stdout + p.stderr
     assert f"{task}" in log and "6/6" in log, "tqdm bar"
     with open(os.path.join(out, "train_config.json")) as f:
@@ -236,13 +239,18 @@ def test_export_from_pt_round_trip_and_resume(env, tmp_path):
     path, cfg = _config("vqa", tmp_path, num_train_steps=4, save_steps=4, valid_steps=4)
     out = cfg["output_dir"]
     _run([sys.executable, FT, "--task", "vqa", "--config", path, "--deepspeed_config", DS,
-          "--no_progress"], env)
+          "--no_progress", *FP32], env)
     pt = str(tmp_path / "a.pt")
     _run([sys.executable, "-m", "uniter_fast.export", "to-pt", os.path.join(out, "ckpt"), pt,
           "--task", "vqa"], env)
     new = tmp_path / "new"
+    with open(DS) as f:       # an fp32 checkpoint on every CPU (so is its resume below)
+        ds32 = dict(json.load(f), bf16={"enabled": False})
+    ds32_path = str(tmp_path / "ds_fp32.json")
+    with open(ds32_path, "w") as f:
+        json.dump(ds32, f)
     _run([sys.executable, "-m", "uniter_fast.export", "from-pt", pt, str(new / "ckpt"),
-          "--task", "vqa", "--config", path, "--deepspeed_config", DS], env)
+          "--task", "vqa", "--config", path, "--deepspeed_config", ds32_path], env)
     assert os.path.exists(new / "ckpt" / "ans2label.json")
     back = str(tmp_path / "b.pt")
     _run([sys.executable, "-m", "uniter_fast.export", "to-pt", str(new / "ckpt"), back,
@@ -277,7 +285,7 @@ def test_two_ranks_gather_results(env, tmp_path):
         port = sk.getsockname()[1]
     _run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), FT, "--task", "nlvr2",
           "--config", path,
-          "--deepspeed_config", DS, "--no_progress"], env, timeout=400)
+          "--deepspeed_config", DS, "--no_progress", *FP32], env, timeout=400)
     with open(os.path.join(out, "train_config.json")) as f:
         cfg = json.load(f)
     start = [r for r in _records(os.path.join(out, "metrics.jsonl")) if r.get("event") == "start"]
