@@ -43,6 +43,16 @@ def shared_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def training_env(shared_cache):
+    """The environment of the slow tests' training subprocesses: the shared cache,
+    unbuffered output, none of an outer launcher's rank variables (copy it per module)."""
+    e = dict(os.environ, UNITER_FAST_CACHE=shared_cache, PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="session")
 def default_pretrain_run(shared_cache):
     """The default pretraining run (the packaged default config and ds.json, as the main
     command runs them) in fp32 on every CPU, made once per session as fine-tuning's
@@ -55,16 +65,7 @@ def default_pretrain_run(shared_cache):
     from uniter_fast.training.finetune import TRAIN_LOG_FILE, ensure_synthetic_pretrain
     ds = os.path.join(ROOT, "ds.json")
     precision = "fp32"
-    saved = os.environ.get("UNITER_FAST_CACHE")
-    os.environ["UNITER_FAST_CACHE"] = shared_cache     # the run's own data goes there too
-    try:
-        pt = ensure_synthetic_pretrain({}, ds, precision, cache_dir=shared_cache,
-                                       progress=False)
-    finally:
-        if saved is None:
-            os.environ.pop("UNITER_FAST_CACHE", None)
-        else:
-            os.environ["UNITER_FAST_CACHE"] = saved
+    pt = ensure_synthetic_pretrain({}, ds, precision, cache_dir=shared_cache, progress=False)
     run = os.path.dirname(pt)
     with open(os.path.join(run, TRAIN_LOG_FILE)) as f:
         stdout = f.read()

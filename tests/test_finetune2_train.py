@@ -69,13 +69,8 @@ TARGETS = {
 
 
 @pytest.fixture(scope="module")
-def env(shared_cache):
-    e = dict(os.environ)
-    e["UNITER_FAST_CACHE"] = shared_cache   # conftest: one per session (or UNITER_FAST_TEST_CACHE)
-    e["PYTHONUNBUFFERED"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+def env(training_env):
+    return dict(training_env)     # conftest: the shared cache, no outer launcher's variables
 
 
 def _run(args, env, timeout=1500):

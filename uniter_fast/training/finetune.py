@@ -355,7 +355,9 @@ def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
             cmd += ["--no_progress"]
         # its standard output is shown and kept beside the run (train_log.txt)
         with open(os.path.join(tmp, TRAIN_LOG_FILE), "w") as log:
-            proc = subprocess.Popen(cmd, env=dict(_clean_env(), PYTHONUNBUFFERED="1"),
+            # the run's synthetic data in the same cache as its result
+            proc = subprocess.Popen(cmd, env=dict(_clean_env(), PYTHONUNBUFFERED="1",
+                                                  UNITER_FAST_CACHE=root),
                                     stdout=subprocess.PIPE, text=True, bufsize=1)
             for line in proc.stdout:
                 sys.stdout.write(line)
