@@ -2,7 +2,8 @@
 every available backend, against a float64 transcription (issue #13, item 5).
 
 The transcription (``ipot64``) runs UNITER's IPOT updates in the log domain in
-float64, on each example's real block:
+float64, on each example's real block, written independently of the package's
+log-domain path (a loop over examples, no cost shift):
 
     log Q = -C/beta + log T
     log delta_j = -log n - logsumexp_i(log Q_ij + log sigma_i)
@@ -10,33 +11,25 @@ float64, on each example's real block:
     log T = log delta_j + log Q + log sigma_i
 
 Every IPOT update is a product or a ratio of positive numbers, so these are the
-same updates term by term, with no shift of the cost: logsumexp evaluates each
-sum of exponentials without under- or overflow, whatever beta or the offset
-(exp(-1000/1e-3) is far outside even float64's range).  At beta >= 0.5 it is
-checked against the plain float64 updates (``ipot64_direct``).
+same updates term by term: logsumexp evaluates each sum of exponentials without
+under- or overflow, whatever beta or the offset (exp(-1000/1e-3) is far outside
+even float64's range).  At beta >= 0.5 it is checked against the plain float64
+updates (``ipot64_direct``).
 
-The ops must, for each beta and cost, either give finite results that match
-it, or raise a ValueError naming beta: "too small" only where the cost's range
-over a real block exceeds IPOT_MAX_COST_OVER_BETA · beta (the op's shifts never
-widen that range, so a rejection below it is a bug); costs designed to span 2
-after any shift must be rejected at beta < 2 / 80.
-
-What float32 can compute.  The plan after t iterations is T ∝ A^t u vᵀ, and an
-entry whose exact value dips below float32's range (2^-126; the C++ kernel
-flushes subnormals) in some iteration is 0 from then on (Q = A ⊙ T), while the
-exact iteration may bring it back.  ``ipot64`` tracks this on the exact
-trajectory: a case is float32-representable when no entry of Q, δ ⊙ Q or T
-that has dipped below 2^-126 · e^3 later exceeds 1e-9.  Every case must match,
-except that one that is not representable may differ from the exact plan (a
-limit of float32 IPOT at large span / beta, every backend alike; the test
-counts them); even then it must not return NaN: it gives a finite plan or
-raises the op's "non-finite result" ValueError.
+The ops must, for every beta > 0 and finite cost, give finite results that match
+it: the float32 kernels where the cost fits their range (at most
+IPOT_FAST_MAX_COST_OVER_BETA · beta after the column shift, at most
+IPOT_FAST_MAX_ITERATIONS iterations), the float64 log-domain path elsewhere.
+Two more tests pin that range down: inside it the float32 kernels, called
+directly, match float64 on adversarial costs (tied and degenerate ones, where the
+exact plan needs entries that first decay for many iterations), and outside it
+they do not on a known cost (an entry dips below float32's range and cannot come
+back, Q = A ⊙ T), where the op still does.
 
 Tolerances (plans lie in [0, 1/m]).  The kernels round C/beta in float32, a
-relative 2^-24 of an exponent r = |C|/beta of at most 24 for a cost the op
-passes as is, 80 for one it shifts (the op's limit), and the t = 50 iterations raise A to the t-th
-power (T ∝ A^t u vᵀ): a relative plan error of about t · r · 2^-24, so the
-tolerance is 1/m · (1e-6 + 2 · t · r · 2^-24), r of the cost the kernel sees.
+relative 2^-24 of an exponent r = |C|/beta of at most IPOT_FAST_MAX_COST_OVER_BETA,
+and the t iterations raise A to the t-th power (T ∝ A^t u vᵀ): a relative plan
+error of about t · r · 2^-24, so the tolerance is 1/m · (1e-6 + 2 · t · r · 2^-24).
 """
 import math
 
@@ -44,14 +37,18 @@ import pytest
 import torch
 
 import uniter_fast.ops as ops
-from uniter_fast.constants import IPOT_MAX_COST_OVER_BETA, IPOT_ROW_SHIFT_SLACK, WRA_MIN_BETA
+from uniter_fast.constants import (
+    IPOT_FAST_MAX_COST_OVER_BETA,
+    IPOT_FAST_MAX_ITERATIONS,
+    WRA_FAST_MIN_BETA,
+)
+from uniter_fast.ops import _registry
+from uniter_fast.ops.ipot import fast_cost
 
 BETAS = (1e-3, 3e-3, 0.01, 0.02, 0.1, 0.5, 1.0, 10.0)
 OFFSETS = (0.0, 43.0, 1000.0, -7.0)
 ITERATION = 50
 DIST_RTOL = 1e-5       # of sum |C| T: float32 sums of up to a few hundred terms
-LOG_FLOOR = math.log(2.0 ** -126) + 3     # float32's smallest normal, with a margin
-LOG_MATTERS = math.log(1e-9)              # below every plan tolerance here
 
 GPU = torch.cuda.is_available()
 # (backend, device): every backend on the CPU (Triton under the interpreter), and on a GPU
@@ -78,13 +75,11 @@ def _block(tp, ip, b):
     return (~tp[b]).nonzero().flatten(), (~ip[b]).nonzero().flatten()
 
 
-def ipot64(C, tp, ip, beta, iteration=ITERATION, k=1, with_lost=False):
+def ipot64(C, tp, ip, beta, iteration=ITERATION, k=1):
     """UNITER's IPOT in the log domain, float64: plan [B, N, M] (0 off the real
-    block and for an empty example); with_lost: also whether an entry that
-    float32 would have lost (below LOG_FLOOR) comes back above LOG_MATTERS."""
+    block and for an empty example)."""
     B, M, N = C.shape
     out = torch.zeros(B, N, M, dtype=torch.float64)
-    lost = False
     for b in range(B):
         rows, cols = _block(tp, ip, b)
         m, n = len(rows), len(cols)
@@ -93,17 +88,14 @@ def ipot64(C, tp, ip, beta, iteration=ITERATION, k=1, with_lost=False):
         la = -C[b].double()[rows][:, cols] / beta                   # log A, [m, n]
         lt = torch.zeros(m, n, dtype=torch.float64)                 # log T0 = log 1
         ls = torch.full((m,), -math.log(m), dtype=torch.float64)    # log sigma0 = log 1/m
-        dipped = torch.zeros(m, n, dtype=torch.bool)
         for _ in range(iteration):
             lq = la + lt
             for _ in range(k):
                 ld = -math.log(n) - torch.logsumexp(lq + ls[:, None], 0)
                 ls = -math.log(m) - torch.logsumexp(lq + ld[None, :], 1)
             lt = ls[:, None] + lq + ld[None, :]
-            lost = lost or bool((dipped & (lt > LOG_MATTERS)).any())
-            dipped |= (lq < LOG_FLOOR) | (lq + ld[None, :] < LOG_FLOOR) | (lt < LOG_FLOOR)
         out[b][cols[:, None], rows[None, :]] = lt.exp().t()
-    return (out, lost) if with_lost else out
+    return out
 
 
 def ipot64_direct(C, tp, ip, beta, iteration=ITERATION):
@@ -131,29 +123,13 @@ def lengths(tp, ip):
     return [tuple(len(i) for i in _block(tp, ip, b)) for b in range(tp.size(0))]
 
 
-def real_range(C, tp, ip):
-    """Largest (max - min) of C over one example's real block."""
-    worst = 0.0
-    for b in range(C.size(0)):
-        rows, cols = _block(tp, ip, b)
-        if len(rows) and len(cols):
-            blk = C[b].double()[rows][:, cols]
-            worst = max(worst, (blk.max() - blk.min()).item())
-    return worst
-
-
-def kernel_ratio(C, tp, ip, beta):
-    """Largest |C|/beta of the cost the kernel sees: C itself when its real
-    entries lie in [0, 24 beta], else a shifted cost within [0, 80 beta]."""
-    real = C.double().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
-    if real.min() >= 0 and real.max() <= IPOT_ROW_SHIFT_SLACK * beta:
-        return real.max().item() / beta
-    return IPOT_MAX_COST_OVER_BETA
-
-
-def plan_tol(C, tp, ip, beta, iteration=ITERATION):
+def plan_tol(tp, ip, iteration=ITERATION):
     m = min([m for m, n in lengths(tp, ip) if m and n] or [1])
-    return (1e-6 + 2 * iteration * kernel_ratio(C, tp, ip, beta) * 2.0 ** -24) / m
+    return (1e-6 + 2 * iteration * IPOT_FAST_MAX_COST_OVER_BETA * 2.0 ** -24) / m
+
+
+def goes_to_kernel(C, tp, ip, beta, iteration=ITERATION):
+    return fast_cost(C, tp, ip, beta, iteration)[0] is not None
 
 
 # ----------------------------------------------------------------- cases
@@ -171,7 +147,7 @@ def cost(shape, family, offset, seed):
     base = torch.rand(B, M, N, generator=g)
     if family == "cosine":            # the 1 - cos range [0, 2]
         C = 2 * base
-    elif family == "narrow":          # span 0.05: computable down to beta = 1e-3
+    elif family == "narrow":          # span 0.05
         C = 0.05 * base
     else:                             # "rows": narrow, each row offset by up to 5
         C = 0.05 * base + 5 * torch.rand(B, M, 1, generator=g)
@@ -186,23 +162,6 @@ def cost(shape, family, offset, seed):
 
 
 CASES = [(s, f, o) for s in SHAPES for f in ("cosine", "narrow", "rows") for o in OFFSETS]
-
-
-def run_or_reject(fn, C, tp, ip, beta, lost):
-    """fn()'s result, or None when it raised the small-beta ValueError (allowed
-    only where the real range exceeds the limit) or, where float32 loses plan
-    entries (``lost``), the non-finite-result one."""
-    try:
-        return fn()
-    except ValueError as e:
-        assert f"beta={beta:g}" in str(e), str(e)
-        if lost and "non-finite result" in str(e):
-            return None
-        assert "too small" in str(e), str(e)
-        rng = real_range(C, tp, ip)
-        assert rng > IPOT_MAX_COST_OVER_BETA * beta, \
-            f"rejected beta={beta:g} although the cost's real range is only {rng}"
-        return None
 
 
 # ----------------------------------------------------------------- tests
@@ -221,8 +180,25 @@ def test_log_domain_transcription_matches_the_direct_updates():
         torch.testing.assert_close(T[b].sum(0), (~tp[b]).double() / m, atol=1e-9, rtol=0)
 
 
+def test_package_log_domain_path_matches_the_transcription():
+    """uniter_fast.reference.ot.ipot_log_domain (what the ops use beyond the
+    kernels' range: batched, column-shifted, masked) against the per-example loop,
+    k = 1 and 2, every shape, family, offset and beta."""
+    from uniter_fast.reference.ot import ipot_log_domain
+    for i, (shape, family, offset) in enumerate(CASES):
+        C, tp, ip = cost(shape, family, offset, 200 + i)
+        for beta in BETAS:
+            for k in (1, 2):
+                T = ipot_log_domain(C, tp, ip, beta, 7, k)
+                assert T.dtype == torch.float32 and T.shape == (C.size(0), C.size(2), C.size(1))
+                torch.testing.assert_close(T.double(), ipot64(C, tp, ip, beta, 7, k),
+                                           atol=1e-7 / C.size(1), rtol=1e-6)
+
+
 def _sweep_backend(backend, device, shapes=SHAPES, offsets=OFFSETS, betas=BETAS):
-    checked = rejected = unrepresentable = 0
+    """(cases on the float32 kernel, cases on the log-domain path): every one
+    must be finite and match float64, plan, distance and gradient."""
+    on_kernel = on_log = 0
     for i, (shape, family, offset) in enumerate(CASES):
         if shape not in shapes or offset not in offsets:
             continue
@@ -230,20 +206,12 @@ def _sweep_backend(backend, device, shapes=SHAPES, offsets=OFFSETS, betas=BETAS)
         real = C.double().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
         for beta in betas:
             what = f"{backend}/{device} {shape}/{family}{offset:+g} beta={beta:g}"
-            T64, lost = ipot64(C, tp, ip, beta, with_lost=True)
+            T64 = ipot64(C, tp, ip, beta)
             Cd, tpd, ipd = C.to(device), tp.to(device), ip.to(device)
-            T = run_or_reject(lambda: ops.ipot(Cd, tpd, ipd, beta, ITERATION, backend=backend),
-                              C, tp, ip, beta, lost)
-            if T is None:
-                rejected += 1
-                continue
-            T = T.cpu()
+            T = ops.ipot(Cd, tpd, ipd, beta, ITERATION, backend=backend).cpu()
             assert T.dtype == torch.float32 and torch.isfinite(T).all(), what
-            tol = plan_tol(C, tp, ip, beta)
+            tol = plan_tol(tp, ip)
             err = (T.double() - T64).abs().max().item()
-            if lost and err > tol:
-                unrepresentable += 1
-                continue
             assert err <= tol, f"{what}: plan err {err} > {tol}"
 
             Cg = Cd.clone().requires_grad_()
@@ -251,7 +219,7 @@ def _sweep_backend(backend, device, shapes=SHAPES, offsets=OFFSETS, betas=BETAS)
             d64 = (real * T64.transpose(1, 2)).sum((1, 2))
             scale = (real.abs() * T64.transpose(1, 2)).sum((1, 2))
             bound = DIST_RTOL * scale + tol * real.abs().sum((1, 2)) + 1e-7
-            assert torch.isfinite(d).all() and torch.all((d.double() - d64).abs() <= bound), \
+            assert torch.isfinite(d).all() and torch.all((d.cpu().double() - d64).abs() <= bound), \
                 (what, d, d64)
             w = torch.linspace(0.5, 1.5, C.size(0))
             (grad,) = torch.autograd.grad((d * w.to(device)).sum(), Cg)
@@ -261,17 +229,20 @@ def _sweep_backend(backend, device, shapes=SHAPES, offsets=OFFSETS, betas=BETAS)
             for b, (m, n) in enumerate(lengths(tp, ip)):   # empty examples: exactly 0
                 if m == 0 or n == 0:
                     assert d[b] == 0 and not T[b].any() and not grad[b].any(), what
-            checked += 1
-    return checked, rejected, unrepresentable
+            if goes_to_kernel(C, tp, ip, beta):
+                on_kernel += 1
+            else:
+                on_log += 1
+    return on_kernel, on_log
 
 
 @pytest.mark.parametrize("backend,device", [b for b in IPOT_BACKENDS if b != INTERPRETED])
 def test_ipot_beta_sweep_against_float64(backend, device):
     counts = _sweep_backend(backend, device)
-    print(backend, device, "checked / rejected / not float32-representable:", counts)
-    # beta = 1e-3 is computed for the narrow costs (every offset, row offsets
-    # included); the cosine-range costs are rejected below beta = 2/80
-    assert counts[0] >= 150 and counts[1] >= 20, counts
+    print(backend, device, "cases on the float32 kernel / on the log-domain path:", counts)
+    # both paths are exercised: offsets the column shift removes go to the
+    # kernel, rows at different offsets and beta < 2/6 on the cosine range do not
+    assert counts[0] >= 60 and counts[1] >= 100, counts
 
 
 @pytest.mark.skipif(INTERPRETED not in IPOT_BACKENDS, reason="Triton interpreter unavailable")
@@ -279,24 +250,99 @@ def test_ipot_beta_sweep_against_float64_triton_interpreter():
     # the interpreter is slow: the small shape, two offsets, four betas
     counts = _sweep_backend("triton", "cpu", shapes=("small",), offsets=(43.0, -7.0),
                             betas=(1e-3, 0.02, 0.5, 10.0))
-    print("triton checked / rejected / not float32-representable:", counts)
-    assert counts[0] >= 12 and counts[1] >= 3, counts
+    print("triton cases on the float32 kernel / on the log-domain path:", counts)
+    assert counts[0] >= 4 and counts[1] >= 4, counts
 
 
 @pytest.mark.parametrize("backend,device", IPOT_BACKENDS)
-def test_uncomputable_beta_is_rejected_with_the_reason(backend, device):
-    # after any shift this cost still spans 2: float32 needs beta >= 2 / 80
-    C = torch.tensor([[[0.0, 2.0], [2.0, 0.0]]], device=device) + 43
-    tp = ip = torch.zeros(1, 2, dtype=torch.bool, device=device)
-    for beta in (1e-3, 0.01, 0.02):
-        with pytest.raises(ValueError, match=rf"beta={beta:g} is too small.*span 2\b.*"
-                                             rf"<= {IPOT_MAX_COST_OVER_BETA:g}.*beta >= 0.025"):
-            ops.ipot(C, tp, ip, beta, backend=backend)
-        with pytest.raises(ValueError, match=f"beta={beta:g}"):
-            ops.ipot_distance(C, tp, ip, beta, backend=backend)
-    T = ops.ipot(C, tp, ip, 0.025, backend=backend)     # at the limit: computed
-    torch.testing.assert_close(T.cpu().double(), ipot64(C.cpu(), tp.cpu(), ip.cpu(), 0.025),
-                               atol=1e-6, rtol=0)
+def test_tiny_beta_on_a_wide_cost_is_computed(backend, device):
+    # after any shift this cost still spans 2: beyond the float32 kernels below
+    # beta = 2/6, computed in the log domain (it raised "too small" before)
+    C = torch.tensor([[[0.0, 2.0, 0.3], [2.0, 0.0, 1.1]]]) + 43
+    tp, ip = torch.zeros(1, 2, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool)
+    for beta in (1e-3, 0.01, 0.02, 0.3, 2 / IPOT_FAST_MAX_COST_OVER_BETA):
+        assert goes_to_kernel(C, tp, ip, beta) == (beta >= 2 / IPOT_FAST_MAX_COST_OVER_BETA)
+        T64 = ipot64(C, tp, ip, beta)
+        T = ops.ipot(C.to(device), tp.to(device), ip.to(device), beta, backend=backend)
+        torch.testing.assert_close(T.cpu().double(), T64, atol=plan_tol(tp, ip), rtol=0)
+        d = ops.ipot_distance(C.to(device), tp.to(device), ip.to(device), beta, backend=backend)
+        torch.testing.assert_close(d.cpu().double(), (C.double() * T64.transpose(1, 2)).sum((1, 2)),
+                                   atol=1e-5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- the float32 kernels' range
+
+def adversarial(family, m, n, ratio, seed):
+    """A cost [1, m, n] spanning exactly ``ratio`` (beta = 1).  "binary": entries
+    0 or ratio (ties everywhere); "perm": the first min(m, n) rows have one 0
+    each (in a random column), every other entry is ratio, so the optimal plan
+    needs costly entries that first decay for many iterations; "cos2": 1 - cos of 2-d embeddings
+    (a few near-equal directions); "uniform"."""
+    g = torch.Generator().manual_seed(seed)
+    if family == "binary":
+        C = (torch.rand(m, n, generator=g, dtype=torch.float64) < 0.5).double()
+    elif family == "perm":
+        C = torch.ones(m, n, dtype=torch.float64)
+        p = torch.randperm(max(m, n), generator=g)[:min(m, n)]
+        C[torch.arange(min(m, n)), p % n] = 0
+    elif family == "cos2":
+        x = torch.nn.functional.normalize(torch.randn(m, 2, generator=g, dtype=torch.float64), dim=1)
+        y = torch.nn.functional.normalize(torch.randn(n, 2, generator=g, dtype=torch.float64), dim=1)
+        C = 1 - x @ y.t()
+    else:
+        C = torch.rand(m, n, generator=g, dtype=torch.float64)
+    C = C - C.min()
+    C = C / C.max() if C.max() > 0 else C
+    return (ratio * C).float()[None]
+
+
+ADVERSARIAL_SHAPES = ((5, 7), (37, 13), (13, 37), (23, 9), (1, 7), (7, 1), (60, 100))
+FLOAT32_KERNELS = [b for b in IPOT_BACKENDS if b != INTERPRETED]
+
+
+def _kernel_error(backend, device, C, iteration):
+    """max |T - T64| / tol of the backend called directly (no routing)."""
+    m, n = C.shape[1:]
+    tp, ip = torch.zeros(1, m, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)
+    fn = _registry.resolve("ipot", backend, torch.device(device), torch.float32)
+    T = fn(C.to(device), tp.to(device), ip.to(device), 1.0, iteration, 1).cpu().double()
+    T64 = ipot64(C, tp, ip, 1.0, iteration)
+    err = (T - T64).abs().max().item() if torch.isfinite(T).all() else float("inf")
+    return err / plan_tol(tp, ip, iteration)
+
+
+@pytest.mark.parametrize("backend,device", FLOAT32_KERNELS)
+def test_float32_kernels_match_float64_inside_their_range(backend, device):
+    """Costs spanning exactly IPOT_FAST_MAX_COST_OVER_BETA · beta, at 50 and at
+    IPOT_FAST_MAX_ITERATIONS iterations, handed to the kernel itself: every one
+    matches float64 (the range the ops give the kernels is one they compute)."""
+    worst = 0.0
+    for family in ("binary", "perm", "cos2", "uniform"):
+        for m, n in ADVERSARIAL_SHAPES:
+            for seed in range(4 if (m, n) == (60, 100) else 12):
+                C = adversarial(family, m, n, IPOT_FAST_MAX_COST_OVER_BETA, seed)
+                for iteration in (ITERATION, IPOT_FAST_MAX_ITERATIONS):
+                    err = _kernel_error(backend, device, C, iteration)
+                    assert err <= 1, f"{backend} {family} {m}x{n} seed {seed} it={iteration}: {err}"
+                    worst = max(worst, err)
+    print(backend, device, "worst plan error / tolerance:", worst)
+
+
+@pytest.mark.skipif(("cpp", "cpu") not in IPOT_BACKENDS, reason="C++ extension unavailable")
+def test_beyond_their_range_float32_kernels_lose_entries_and_the_op_does_not():
+    """Why the ops route: a tied cost spanning 8 · beta (50 iterations) and a
+    degenerate one spanning 5 · beta at 150 iterations, where the C++ kernel
+    (it flushes subnormals) loses plan entries for good, by thousands of
+    tolerances; ``ops.ipot`` on the same backend matches float64."""
+    for C, iteration in ((adversarial("binary", 5, 7, 8.0, 52), ITERATION),
+                         (adversarial("perm", 37, 13, 5.0, 0), 150)):
+        assert _kernel_error("cpp", "cpu", C, iteration) > 100
+        tp = torch.zeros(1, C.size(1), dtype=torch.bool)
+        ip = torch.zeros(1, C.size(2), dtype=torch.bool)
+        assert not goes_to_kernel(C, tp, ip, 1.0, iteration)
+        T = ops.ipot(C, tp, ip, 1.0, iteration, backend="cpp")
+        torch.testing.assert_close(T.double(), ipot64(C, tp, ip, 1.0, iteration),
+                                   atol=1e-7 / C.size(1), rtol=0)
 
 
 # ----------------------------------------------------------------- WRA from the embeddings
@@ -307,8 +353,8 @@ def wra64(x, y, tp, ip, beta):
     xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-5)
     yn = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-5)
     cst = (1 - xn @ yn.transpose(1, 2)).masked_fill(tp[:, :, None] | ip[:, None, :], 0)
-    T, lost = ipot64(cst.detach(), tp, ip, beta, with_lost=True)
-    return (cst * T.transpose(1, 2)).sum((1, 2)), lost, cst.detach()
+    T = ipot64(cst.detach(), tp, ip, beta)
+    return (cst * T.transpose(1, 2)).sum((1, 2))
 
 
 @pytest.mark.parametrize("backend,device", WRA_BACKENDS)
@@ -319,28 +365,17 @@ def test_wra_beta_sweep_against_float64(backend, device):
     y = torch.randn(B, N, D, generator=g)
     tp = torch.arange(M)[None] >= torch.tensor([M, 1, 0, 6][:B])[:, None]
     ip = torch.arange(N)[None] >= torch.tensor([N, N, 4, 1][:B])[:, None]
-    checked = 0
     tpd, ipd = tp.to(device), ip.to(device)
-    for beta in BETAS + (WRA_MIN_BETA,):
+    for beta in BETAS + (WRA_FAST_MIN_BETA,):
         xg, yg = x.to(device).requires_grad_(), y.to(device).requires_grad_()
-        if beta < WRA_MIN_BETA:
-            with pytest.raises(ValueError, match=rf"beta={beta:g} is below .*{WRA_MIN_BETA:g}"):
-                ops.optimal_transport_dist(xg, yg, tpd, ipd, beta, backend=backend)
-            continue
         x64, y64 = x.double().requires_grad_(), y.double().requires_grad_()
-        d64, lost, cst = wra64(x64, y64, tp, ip, beta)
-        try:
-            d = ops.optimal_transport_dist(xg, yg, tpd, ipd, beta, backend=backend)
-        except ValueError as e:
-            assert lost and "non-finite result" in str(e), str(e)
-            continue
+        d64 = wra64(x64, y64, tp, ip, beta)
+        d = ops.optimal_transport_dist(xg, yg, tpd, ipd, beta, backend=backend)
         assert torch.isfinite(d).all(), (backend, beta)
-        tol = plan_tol(cst, tp, ip, beta) * M * N * 2 + 1e-6   # |C| <= 2 over <= M N entries
-        got = d.detach().cpu().double()
-        if lost and not torch.allclose(got, d64.detach(), atol=tol, rtol=DIST_RTOL):
-            continue      # not float32-representable (module docstring): may differ
-        torch.testing.assert_close(got, d64.detach(), atol=tol, rtol=DIST_RTOL,
-                                   msg=lambda m: f"{backend} beta={beta:g}: {m}")
+        # |C| <= 2 over <= M N entries; the cost rounds in float32 (1e-6)
+        tol = plan_tol(tp, ip) * M * N * 2 + 1e-6
+        torch.testing.assert_close(d.detach().cpu().double(), d64.detach(), atol=tol,
+                                   rtol=DIST_RTOL, msg=lambda m: f"{backend} beta={beta:g}: {m}")
         w = torch.linspace(0.5, 1.5, B)
         gx, gy = torch.autograd.grad((d * w.to(device)).sum(), (xg, yg))
         d, gx, gy = d.cpu(), gx.cpu(), gy.cpu()
@@ -350,5 +385,3 @@ def test_wra_beta_sweep_against_float64(backend, device):
             torch.testing.assert_close(got.double(), want, atol=tol, rtol=1e-4,
                                        msg=lambda m: f"{backend} beta={beta:g} gradient: {m}")
         assert d[2] == 0 and not gx[2].any() and not gy[2].any()   # empty text side
-        checked += 1
-    assert checked >= 4, checked

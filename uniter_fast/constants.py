@@ -19,19 +19,16 @@ IPOT_BETA = 0.5
 IPOT_ITERATIONS = 50
 IPOT_INNER_ITERATIONS = 1
 
-#: float32 IPOT needs every real entry of the cost its kernels see in [0, this · beta]:
-#: exp(-80) = 1.8e-35 is a normal float32 with room for the products with the plan
-#: and the scalings (smallest normal: exp(-87.3)).  ``ops.ipot`` / ``ops.ipot_distance``
-#: shift the cost into that range when they can, and reject beta when they cannot.
-IPOT_MAX_COST_OVER_BETA = 80.0
+#: the IPOT ops hand the float32 kernels only a cost spanning at most this · beta, in at
+#: most IPOT_FAST_MAX_ITERATIONS iterations (UNITER's 1 - cos at beta = 0.5 spans 4); beyond
+#: it float32 IPOT can lose plan entries (seen from 8 · beta at 50 iterations, and from
+#: 6 · beta at 150), and the ops compute the plan in the log domain in float64 instead
+IPOT_FAST_MAX_COST_OVER_BETA = 6.0
+IPOT_FAST_MAX_ITERATIONS = 100
 
-#: the IPOT op's row shift stops this many beta above a row's minimum (after the
-#: column shift): a row it shifts then weighs at most exp(-24) = 3.8e-11 of a column's
-#: total in the first delta, where the unshifted weight is smaller still.
-IPOT_ROW_SHIFT_SLACK = 24.0
-
-#: smallest beta of the WRA distance from the embeddings: its cost 1 - cos spans up to 2
-WRA_MIN_BETA = 2.0 / IPOT_MAX_COST_OVER_BETA
+#: the WRA distance's cost 1 - cos spans up to 2: from this beta on it always fits the
+#: float32 kernels (below it, the cost is computed first and routed like any other)
+WRA_FAST_MIN_BETA = 2.0 / IPOT_FAST_MAX_COST_OVER_BETA
 
 #: the reference IPOT adds this to the denominators of padded rows/columns
 #: (UNITER's ``x_mask``/``y_mask``) so that their sigma/delta are ~0

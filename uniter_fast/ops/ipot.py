@@ -17,27 +17,28 @@ any pattern; beta finite > 0; iteration, k >= 1.  Backends receive the
 detached cost (``ipot``) or the cost (``ipot_distance``), the pads as bool
 tensors and ``beta`` / ``iteration`` / ``k`` as float / int / int.
 
-Small beta and offset costs: float32 IPOT needs the cost its kernel sees in
-[0, IPOT_MAX_COST_OVER_BETA · beta] on the real block (else exp(-C/beta)
-under- or overflows and the plan is NaN), and rows whose entries all lie far
-above 0 make the scalings huge and the kernels' intermediate products (δ ⊙ Q
-before sigma) underflow.  A cost whose real entries lie in
-[0, IPOT_ROW_SHIFT_SLACK · beta] (UNITER's: [0, 2] at beta = 0.5) goes to the
-backend unchanged.  Otherwise the op subtracts each column's minimum over the
-real rows (the plan is exactly unchanged: delta absorbs a column factor of
-exp(-C/beta)) and then each row's remaining minimum less
-IPOT_ROW_SHIFT_SLACK · beta (a row factor is absorbed by sigma from the first
-sigma update on; before it, in the first delta, such a row weighs at most
-exp(-slack) of a column's total, shifted or not), see :func:`kernel_cost`;
-the distance is then trace(C·T) of the original cost, from the plan.  A cost
-that still spans more than IPOT_MAX_COST_OVER_BETA · beta after the shifts
-cannot be computed in float32: ValueError naming beta and the smallest beta
-that would do.  Deciding this reads two scalars (a host sync on a GPU).
-Within that limit float32 IPOT can still lose entries of the plan on some
-costs at large span / beta (above ~12 in the tests; an entry whose exact value
-dips below float32's range for a few iterations cannot come back, Q = A ⊙ T):
-where a whole row or column vanishes the result would be NaN, and the ops raise
-a ValueError saying so instead (:func:`check_finite`).
+Small beta and offset costs: the float32 kernels (and UNITER's float32 IPOT)
+lose plan entries when C/beta spans too much: an entry whose exact value falls
+below float32's range in some iteration is 0 from then on (Q = A ⊙ T) although
+the exact iteration may bring it back, and the plan comes out finite but wrong
+(or NaN once a whole row or column is gone).  So the ops hand a backend only a
+cost that spans at most IPOT_FAST_MAX_COST_OVER_BETA · beta (6; UNITER's cosine
+cost at beta = 0.5 spans up to 4) in at most IPOT_FAST_MAX_ITERATIONS iterations,
+the range where every float32 backend matched a float64 transcription on every
+cost tried (random, cosine, tied and degenerate costs at many shapes; the
+failures began at 8 · beta, and at 6 · beta with 150 iterations; see
+tests/test_ipot_small_beta.py).  A cost whose real entries lie in
+[0, 6 · beta] goes to the backend unchanged; any other first has each column's
+minimum over the real rows subtracted (the plan is exactly unchanged: delta
+absorbs a column factor of exp(-C/beta)), and goes to the backend if that spans
+at most 6 · beta.  Everything else (a smaller beta, rows at different offsets,
+more iterations) is computed by :func:`uniter_fast.reference.ot.ipot_log_domain`:
+the same updates in the log domain in float64, in plain PyTorch on C's device,
+whichever backend was asked for; it is exact for any beta > 0 and slower (it
+does not lose entries because it never multiplies them out).  The distance is
+then trace(C·T) of the original cost with gradient Tᵀ.  Deciding reads two
+scalars (a host sync on a GPU).  A non-finite result from a finite input would
+be a bug: it raises a ValueError (:func:`check_finite`).
 
 Backends: ``cuda`` (csrc/ipot_cuda.cu, one block per example), ``triton``
 (kernels/ipot_triton.py, one program per example; on CPU only under
@@ -52,10 +53,10 @@ import torch
 
 from ..constants import (
     IPOT_BETA,
+    IPOT_FAST_MAX_COST_OVER_BETA,
+    IPOT_FAST_MAX_ITERATIONS,
     IPOT_INNER_ITERATIONS,
     IPOT_ITERATIONS,
-    IPOT_MAX_COST_OVER_BETA,
-    IPOT_ROW_SHIFT_SLACK,
 )
 from ..reference import ot as _ref
 from . import _registry
@@ -103,71 +104,57 @@ def check_inputs(C, txt_pad, img_pad, beta, iteration, k):
     return (tp, ip) + check_params(beta, iteration, k)
 
 
-def shifted_cost(C, tp, ip, beta):
-    """(C', span): the cost with each column's minimum over the real rows and then
-    each row's remaining minimum less IPOT_ROW_SHIFT_SLACK · beta (not below 0)
-    subtracted, float32, 0 on padded entries; span [B] = the largest finite real
-    entry of C' per example (0 for an empty example).  Computed in float64 for a
-    float64 C, else in float32 (a difference of two float32 within a factor of two
-    of each other is exact).  The IPOT plan of C' is the plan of C: see the module
-    docstring."""
+def column_shifted(C, tp, ip):
+    """(C', span): C with each column's minimum over the real rows subtracted,
+    float32, 0 on padded entries, and span [B] = the largest real entry of C' per
+    example (0 for an empty one; inf or nan where C has such entries).  Computed in
+    float64 for a float64 C, else in float32; where span is small against the
+    entries this is exact (a difference of two float32 within a factor of two of
+    each other is).  The IPOT plan of C' is the plan of C."""
     B = C.size(0)
     work = C.detach()
     work = work if work.dtype == torch.float64 else work.float()
     if work.numel() == 0:
         return work.float(), work.new_zeros(B, dtype=torch.float32)
     pad = tp[:, :, None] | ip[:, None, :]
-    inf = float("inf")
-    col = work.masked_fill(pad, inf).amin(1, keepdim=True)               # [B, 1, N]
-    work = work - torch.where(torch.isfinite(col), col, torch.zeros_like(col))
-    row = work.masked_fill(pad, inf).amin(2, keepdim=True)               # [B, M, 1]
-    row = torch.where(torch.isfinite(row), row, torch.zeros_like(row))
-    work = (work - (row - IPOT_ROW_SHIFT_SLACK * beta).clamp(min=0)).masked_fill(pad, 0)
-    finite = torch.where(torch.isfinite(work), work, torch.zeros_like(work))
-    return work.float(), finite.amax(dim=(1, 2)).float()
+    col = work.masked_fill(pad, float("inf")).amin(1, keepdim=True)   # [B, 1, N]
+    work = (work - torch.where(torch.isfinite(col), col, torch.zeros_like(col))).masked_fill(pad, 0)
+    return work.float(), work.amax(dim=(1, 2)).float()
 
 
-def kernel_cost(C, tp, ip, beta):
-    """(cost the backend gets, whether it is C itself): ``C.detach()`` when C's
-    real entries lie in [0, IPOT_ROW_SHIFT_SLACK · beta] (float32 IPOT runs on it
-    as is), else :func:`shifted_cost`'s C'.  ValueError when even C' spans
-    more than IPOT_MAX_COST_OVER_BETA · beta (beta too small for this cost)."""
+def fast_cost(C, tp, ip, beta, iteration):
+    """(cost, unchanged): the cost to hand a float32 backend, ``C.detach()``
+    (unchanged) when its real entries lie in [0, IPOT_FAST_MAX_COST_OVER_BETA ·
+    beta], else :func:`column_shifted`'s C' when that spans no more; (None, False)
+    when neither does, or for more than IPOT_FAST_MAX_ITERATIONS iterations (then
+    the plan is computed in the log domain, see the module docstring)."""
     C = C.detach()
     if C.numel() == 0:
         return C, True
-    as_is = IPOT_ROW_SHIFT_SLACK * beta
+    if iteration > IPOT_FAST_MAX_ITERATIONS:
+        return None, False
+    limit = IPOT_FAST_MAX_COST_OVER_BETA * beta
     lo, hi = torch.aminmax(C)
-    if bool((lo >= 0) & (hi <= as_is)):
+    if bool((lo >= 0) & (hi <= limit)):
         return C, True
     lo, hi = torch.aminmax(C.masked_fill(tp[:, :, None] | ip[:, None, :], 0))
-    if bool((lo >= 0) & (hi <= as_is)):   # only padded entries were out of range
+    if bool((lo >= 0) & (hi <= limit)):   # only padded entries were out of range
         return C, True
-    limit = IPOT_MAX_COST_OVER_BETA * beta
-    cost, span = shifted_cost(C, tp, ip, beta)
-    worst = int(span.argmax())
-    top = float(span[worst])
-    if top > limit:
-        raise ValueError(
-            f"beta={beta:g} is too small for this cost: after subtracting each column's and "
-            f"row's minimum (which leaves the plan unchanged) the real entries of example "
-            f"{worst} still span {top:.6g}, and float32 IPOT needs span / beta <= "
-            f"{IPOT_MAX_COST_OVER_BETA:g} (exp(-C/beta) and the scalings must stay normal "
-            f"float32 numbers); this cost needs beta >= {top / IPOT_MAX_COST_OVER_BETA:.6g}")
-    return cost, False
+    cost, span = column_shifted(C, tp, ip)
+    return (cost, False) if bool(span.max() <= limit) else (None, False)
 
 
 def check_finite(result, beta, inputs):
     """ValueError when IPOT returned a non-finite plan / distance from finite
-    inputs (float32 lost a whole row or column of the plan); one reduction
+    inputs (which the routing above should make impossible); one reduction
     over ``result``, and ``inputs()`` (the tensors that must be finite) is
     called only when it failed."""
     if result.numel() == 0 or bool(torch.isfinite(result).all()):
         return result
     if all(bool(torch.isfinite(t).all()) for t in inputs()):
         raise ValueError(
-            f"IPOT at beta={beta:g} gave a non-finite result from a finite input: in float32 "
-            f"a row or column of the plan fell below float32's range during the iterations "
-            f"(its exact entries dip that low for this cost at this beta); use a larger beta")
+            f"IPOT at beta={beta:g} gave a non-finite result from a finite input "
+            f"(a bug: please report the cost, pads, beta and backend)")
     return result
 
 
@@ -281,17 +268,40 @@ for _op, _ref_impl, _ext_impl, _tri_impl in (
 def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
          beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
          k: int = IPOT_INNER_ITERATIONS, *, backend: Optional[str] = None) -> torch.Tensor:
-    """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32."""
+    """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32.
+    Small beta and offset costs: see the module docstring."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
     fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    cost = kernel_cost(C, tp, ip, beta)[0]
+    cost = fast_cost(C, tp, ip, beta, iteration)[0]
+    if cost is None:
+        return _ref.ipot_log_domain(C, tp, ip, beta, iteration, k)
     return check_finite(fn(cost, tp, ip, beta, iteration, k), beta,
                         lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
 
 
+def distance_on_backend(C, tp, ip, beta, iteration, k, backend=None):
+    """The ``ipot_distance`` backend on a cost known to be in its range (see
+    :func:`fast_cost`), inputs meeting the contract; no routing, no host sync."""
+    return _registry.resolve(DIST_OP, backend, C.device, C.dtype)(C, tp, ip, beta, iteration, k)
+
+
 def distance_unchecked(C, tp, ip, beta, iteration, k, backend=None):
     """:func:`ipot_distance` on inputs that already meet its contract."""
-    return _registry.resolve(DIST_OP, backend, C.device, C.dtype)(C, tp, ip, beta, iteration, k)
+    cost, unchanged = fast_cost(C, tp, ip, beta, iteration)
+    if unchanged:
+        return check_finite(distance_on_backend(C, tp, ip, beta, iteration, k, backend), beta,
+                            lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
+    if cost is None:
+        T = _ref.ipot_log_domain(C, tp, ip, beta, iteration, k)
+    else:
+        # the plan of the shifted cost on the backend ipot_distance would run
+        name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
+        T = check_finite(_registry.resolve(OP, name, C.device, C.dtype)(cost, tp, ip, beta,
+                                                                       iteration, k),
+                         beta, lambda: [cost])
+    # the trace of the original cost (gradient Tᵀ by autograd)
+    real = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
+    return (real * T.transpose(1, 2)).sum(dim=(1, 2))
 
 
 def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
@@ -304,14 +314,4 @@ def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     through C only, padded entries of a finite C do not contribute.  Small beta
     and offset costs: see the module docstring (the distance is always C's)."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    cost, unchanged = kernel_cost(C, tp, ip, beta)
-    if unchanged:
-        return check_finite(distance_unchecked(C, tp, ip, beta, iteration, k, backend), beta,
-                            lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
-    # the plan of the shifted cost on the backend ipot_distance would run, the trace
-    # of the original cost (gradient Tᵀ by autograd)
-    name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
-    T = _registry.resolve(OP, name, C.device, C.dtype)(cost, tp, ip, beta, iteration, k)
-    check_finite(T, beta, lambda: [cost])
-    real = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
-    return (real * T.transpose(1, 2)).sum(dim=(1, 2))
+    return distance_unchecked(C, tp, ip, beta, iteration, k, backend)

@@ -5,12 +5,13 @@ alignment distance [B] (float32) from the embeddings, what the model calls.
 Input contract (checked here once): txt_emb [B, M, D] and img_emb [B, N, D]
 floating on one device (computed in float32), txt_pad [B, M] / img_pad
 [B, N] bool or integer masks (1 = padded, any pattern), beta finite > 0,
-iteration and k >= 1, beta >= WRA_MIN_BETA = 0.025 (the cost 1 - cos spans
-up to 2 and float32 IPOT needs span / beta <= IPOT_MAX_COST_OVER_BETA = 80, see
-:mod:`uniter_fast.ops.ipot`; the cost is >= 0, so no shift is needed and a
-smaller beta raises a ValueError saying so; so does a non-finite distance
-from finite embeddings, see :func:`uniter_fast.ops.ipot.check_finite`).  An
-empty text or image side gives distance 0.  The
+iteration and k >= 1.  The cost 1 - cos spans up to 2, so from beta >=
+WRA_FAST_MIN_BETA = 1/3 (and up to IPOT_FAST_MAX_ITERATIONS iterations) it is
+always in the float32 kernels' range and the backends below run; at a smaller
+beta the cosine cost is computed first (the cost op) and goes through
+``ipot_distance``'s routing, which computes it in the log domain in float64
+where float32 IPOT would lose plan entries (see :mod:`uniter_fast.ops.ipot`).
+An empty text or image side gives distance 0.  The
 gradient flows through the cosine cost only (the plan is a constant), as in
 UNITER.  Backends receive float32 embeddings and bool pads:
 ``fn(txt_emb, img_emb, txt_pad, img_pad, beta, iteration, k)``.
@@ -34,19 +35,21 @@ import torch
 from ..constants import (
     COSINE_EPS,
     IPOT_BETA,
+    IPOT_FAST_MAX_ITERATIONS,
     IPOT_INNER_ITERATIONS,
     IPOT_ITERATIONS,
-    IPOT_MAX_COST_OVER_BETA,
-    WRA_MIN_BETA,
+    WRA_FAST_MIN_BETA,
 )
 from ..reference import ot as _ref
 from . import _registry
 from .cost import check_embeddings, cosine_cost_unchecked
 from .ipot import (
+    DIST_OP,
     _ext_available,
     _triton_available,
     check_finite,
     check_params,
+    distance_on_backend,
     distance_unchecked,
 )
 
@@ -62,7 +65,7 @@ def _composed(distance_backend: Optional[str]):
     def load():
         def wra(x, y, tp, ip, beta, iteration, k):
             cost = cosine_cost_unchecked(x, y, tp, ip, COSINE_EPS)
-            return distance_unchecked(cost, tp, ip, beta, iteration, k, distance_backend)
+            return distance_on_backend(cost, tp, ip, beta, iteration, k, distance_backend)
         return wra
     return load
 
@@ -127,14 +130,15 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
     if tp is None or ip is None:
         raise ValueError("txt_pad and img_pad are required (1 = padded; all zeros for none)")
     beta, iteration, k = check_params(beta, iteration, k)
-    if beta < WRA_MIN_BETA:
-        raise ValueError(
-            f"beta={beta:g} is below the WRA distance's minimum {WRA_MIN_BETA:g}: its cost "
-            f"1 - cos spans up to 2, and float32 IPOT needs span / beta <= "
-            f"{IPOT_MAX_COST_OVER_BETA:g} (exp(-C/beta) and the scalings must stay normal "
-            f"float32 numbers)")
     fn = _registry.resolve(WRA_OP, backend, txt_emb.device, torch.float32)
     x, y = txt_emb.float(), img_emb.float()
-    dist = fn(x, y, tp, ip, beta, iteration, k)
+    if beta >= WRA_FAST_MIN_BETA and iteration <= IPOT_FAST_MAX_ITERATIONS:
+        dist = fn(x, y, tp, ip, beta, iteration, k)
+    else:   # the cost, then ipot_distance's routing (float64 log domain where needed)
+        name = _registry.selected_backend(WRA_OP, backend, txt_emb.device, torch.float32)
+        cost = (_ref.cost_matrix_cosine(x, y).masked_fill(tp[:, :, None] | ip[:, None, :], 0)
+                if name == "reference" else cosine_cost_unchecked(x, y, tp, ip, COSINE_EPS))
+        dist_backend = name if name in _registry.registered_backends(DIST_OP) else None
+        dist = distance_unchecked(cost, tp, ip, beta, iteration, k, dist_backend)
     return check_finite(dist, beta, lambda: [x.masked_fill(tp[:, :, None], 0),
                                              y.masked_fill(ip[:, :, None], 0)])

@@ -65,6 +65,54 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     return T.masked_fill(empty[:, None, None], 0)
 
 
+@torch.no_grad()
+def ipot_log_domain(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                    beta: float = IPOT_BETA, iteration: int = IPOT_ITERATIONS,
+                    k: int = IPOT_INNER_ITERATIONS) -> torch.Tensor:
+    """The updates of :func:`ipot` in the log domain, in float64: the plan for any
+    beta > 0 and any finite cost (same signature and result layout as :func:`ipot`).
+
+    Every IPOT update is a product or ratio of positive numbers, so with
+    a = log A = -C/beta, t = log T, s = log sigma, d = log delta they read
+
+        q = a + t
+        d_j = -log n - logsumexp_i(q_ij + s_i)
+        s_i = -log m - logsumexp_j(q_ij + d_j)
+        t = s_i + q + d_j
+
+    and logsumexp never under- or overflows, whatever C/beta.  Before that each
+    column's minimum over the real rows is subtracted from C (delta absorbs a
+    column factor of A exactly: the plan is unchanged, the exponents smaller).
+    Padded entries are -inf (weight 0); an example with an empty side gets a zero
+    plan.  The float32 IPOT of :func:`ipot` (UNITER's) loses plan entries when
+    C/beta spans too much (an entry that falls below float32's range cannot come
+    back, Q = A * T); ``uniter_fast.ops.ipot`` computes such costs here.
+    """
+    txt_pad = _as_pad(txt_pad, "txt_pad")
+    img_pad = _as_pad(img_pad, "img_pad")
+    C = C.detach().double()
+    b, m, n = C.shape
+    pad = txt_pad[:, :, None] | img_pad[:, None, :]                      # [B, M, N]
+    ninf = float("-inf")
+    col = C.masked_fill(pad, float("inf")).amin(1, keepdim=True)         # [B, 1, N]
+    col = torch.where(torch.isfinite(col), col, torch.zeros_like(col))
+    log_a = (-(C - col) / beta).masked_fill(pad, ninf)
+    log_m = (m - txt_pad.sum(1)).clamp(min=1).double().log()[:, None]    # [B, 1]
+    log_n = (n - img_pad.sum(1)).clamp(min=1).double().log()[:, None]
+    log_sigma = (-log_m).expand(b, m).masked_fill(txt_pad, ninf)          # [B, M]
+    log_t = torch.zeros_like(C).masked_fill(pad, ninf)
+    for _ in range(iteration):
+        log_q = log_a + log_t
+        for _ in range(k):
+            log_delta = (-log_n - torch.logsumexp(log_q + log_sigma[:, :, None], 1)
+                         ).masked_fill(img_pad, ninf)                     # [B, N]
+            log_sigma = (-log_m - torch.logsumexp(log_q + log_delta[:, None, :], 2)
+                         ).masked_fill(txt_pad, ninf)
+        # (an empty side makes some of these nan; all of that example is padded)
+        log_t = (log_sigma[:, :, None] + log_q + log_delta[:, None, :]).masked_fill(pad, ninf)
+    return log_t.exp().transpose(1, 2).float()
+
+
 def cost_matrix_cosine(x: torch.Tensor, y: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
     """Cosine distance 1 − cos(x_i, y_j): [B, M, D] × [B, N, D] → [B, M, N]."""
     x = torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
