@@ -3,6 +3,7 @@
 Everything that needs one of these imports it from here (model, ops,
 reference twins, kernels), so a value cannot drift between two copies.
 """
+import signal
 
 #: additive attention score of a padded key: ``(1 - attn_mask) * ATTENTION_MASK_VALUE``
 #: (UNITER/BERT; a finite value, so a query whose keys are all padding averages them all)
@@ -39,3 +40,7 @@ COSINE_EPS = 1e-5
 
 #: widest attention head the fused Triton kernel takes (padded to a power of two ≥ 16 inside)
 TRITON_ATTENTION_MAX_HEAD_DIM = 128
+
+#: the signals that stop a training run with a checkpoint (uniter_fast.training.signals);
+#: DataLoader worker processes ignore them (the main process saves and ends them)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -1,5 +1,6 @@
 """Fault injection: SIGINT / SIGTERM to real training processes (issue 13 item 8), and
 resuming a 2-rank checkpoint with 1 process (item 9, world size)."""
+import json
 import os
 import random
 import re
@@ -89,6 +90,38 @@ def test_sigterm_saves_at_the_current_step_and_resumes(env, config, tmp_path):
     starts = [r for r in records(os.path.join(out, "metrics.jsonl")) if r.get("event") == "start"]
     assert starts[-1]["step"] == k and starts[-1]["resumed"]
     assert [r["step"] for r in step_records(out)] == list(range(1, k + 3))
+
+
+def test_ctrl_c_to_the_process_group_with_dataloader_workers(env, config, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, DataLoader workers
+    included: the workers ignore it, the main process announces the stop once,
+    saves at the current step and exits 130."""
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["n_workers"] = 2
+    workers_cfg = str(tmp_path / "workers.json")
+    with open(workers_cfg, "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "ctrl_c")
+    proc = subprocess.Popen(train_cmd(workers_cfg, out, steps=200, save=1000), env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert wait_for_step(out, 2, proc)
+    n_children = len(psutil.Process(proc.pid).children(recursive=True))
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert n_children >= 2, "no DataLoader worker processes were running"
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.count("SIGINT received") == 1, stderr[-3000:]
+    intr = [r for r in records(os.path.join(out, "metrics.jsonl"))
+            if r.get("event") == "interrupted"]
+    assert len(intr) == 1 and latest(out) == f"global_step{intr[0]['step']}"
+    assert ckpt_lib.verify_tag(os.path.join(out, "ckpt", latest(out))) == []
 
 
 def test_sigint_to_one_of_two_ranks_saves_on_both(env, config, tmp_path):

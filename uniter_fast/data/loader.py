@@ -11,11 +11,13 @@ step without communication (required for ZeRO's collective reductions).
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from ..constants import STOP_SIGNALS
 from .sampler import TokenBucketSampler
 
 __all__ = ["ConcatDatasetWithLens", "TaskLoader", "MetaLoader", "move_to_device"]
@@ -34,6 +36,15 @@ class ConcatDatasetWithLens(ConcatDataset):
     def set_epoch(self, epoch: int) -> None:
         for d in self.datasets:
             d.set_epoch(epoch)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGINT / SIGTERM.  A terminal's
+    Ctrl-C and many schedulers signal the whole process group; forked workers would
+    otherwise run the trainer's handler too (and announce a checkpoint they do not
+    write).  The main process stops, saves and ends its workers."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class TaskLoader:
@@ -73,7 +84,8 @@ class TaskLoader:
         g = torch.Generator()
         g.manual_seed(self.sampler.seed * 1_000_003 + epoch)
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=g)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=g,
+                          worker_init_fn=ignore_stop_signals if self.num_workers else None)
 
     def next_batch(self) -> Dict[str, Any]:
         while True:

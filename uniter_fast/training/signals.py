@@ -22,10 +22,11 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
+from ..constants import STOP_SIGNALS
+
 __all__ = ["StopRequest", "REPEAT_GRACE_S", "STOP_SIGNALS"]
 
 REPEAT_GRACE_S = 1.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
