@@ -23,7 +23,7 @@ IPOT_INNER_ITERATIONS = 1
 #: the IPOT ops hand the float32 kernels only a cost spanning at most this · beta, in at
 #: most IPOT_FAST_MAX_ITERATIONS iterations (UNITER's 1 - cos at beta = 0.5 spans 4); beyond
 #: it float32 IPOT can lose plan entries (seen from 8 · beta at 50 iterations, and from
-#: 6 · beta at 150), and the ops compute the plan in the log domain in float64 instead
+#: 5 · beta at 150), and the ops compute the plan in the log domain in float64 instead
 IPOT_FAST_MAX_COST_OVER_BETA = 6.0
 IPOT_FAST_MAX_ITERATIONS = 100
 

@@ -25,8 +25,8 @@ the exact iteration may bring it back, and the plan comes out finite but wrong
 cost that spans at most IPOT_FAST_MAX_COST_OVER_BETA · beta (6; UNITER's cosine
 cost at beta = 0.5 spans up to 4) in at most IPOT_FAST_MAX_ITERATIONS iterations,
 the range where every float32 backend matched a float64 transcription on every
-cost tried (random, cosine, tied and degenerate costs at many shapes; the
-failures began at 8 · beta, and at 6 · beta with 150 iterations; see
+cost tried (random, cosine, tied and degenerate costs at many shapes; failures
+began at 8 · beta with 50 iterations and at 5 · beta with 150; see
 tests/test_ipot_small_beta.py).  A cost whose real entries lie in
 [0, 6 · beta] goes to the backend unchanged; any other first has each column's
 minimum over the real rows subtracted (the plan is exactly unchanged: delta
@@ -34,8 +34,8 @@ absorbs a column factor of exp(-C/beta)), and goes to the backend if that spans
 at most 6 · beta.  Everything else (a smaller beta, rows at different offsets,
 more iterations) is computed by :func:`uniter_fast.reference.ot.ipot_log_domain`:
 the same updates in the log domain in float64, in plain PyTorch on C's device,
-whichever backend was asked for; it is exact for any beta > 0 and slower (it
-does not lose entries because it never multiplies them out).  The distance is
+whichever backend was asked for; it is exact for any beta > 0 (an entry is kept
+as its logarithm, so none is lost) and slower.  The distance is
 then trace(C·T) of the original cost with gradient Tᵀ.  Deciding reads two
 scalars (a host sync on a GPU).  A non-finite result from a finite input would
 be a bug: it raises a ValueError (:func:`check_finite`).
