@@ -32,10 +32,10 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-from benchutil import cpu_model, slug  # noqa: E402
+import torch
+from benchutil import cpu_model, slug
 
-from uniter_fast import ops  # noqa: E402
+from uniter_fast import ops
 
 MODULE = os.path.join(ROOT, "uniter_fast", "ops", "cpu_attention_thresholds.py")
 GRID = (16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)

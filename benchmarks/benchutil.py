@@ -309,7 +309,7 @@ def _cpu_isa() -> Optional[str]:
     try:
         from uniter_fast import _ext
         return _ext.cpu_module().cpu_isas()[0]
-    except Exception:  # noqa: BLE001 - no extension: not recorded
+    except Exception:  # no extension: not recorded
         return None
 
 

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if importlib.util.find_spec("uniter_fast") is None:  # source checkout, not pip-installed
     sys.path.insert(0, os.path.dirname(HERE))
 
-import benchutil  # noqa: E402
+import benchutil
 
 # Benchmarks run first where they matter most: headline shapes, then the
 # torch.compile'd baselines (long compilations), then the sweeps.

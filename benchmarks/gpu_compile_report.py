@@ -33,36 +33,36 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real: must precede any triton import
 
-import argparse  # noqa: E402
-import concurrent.futures as cf  # noqa: E402
-import contextlib  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+import argparse
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import json
+import multiprocessing
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from gpu_gate import ARCHS, failures, occupancy, parse_ptxas, sources_digest  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+import torch
+import triton
+from gpu_gate import ARCHS, failures, occupancy, parse_ptxas, sources_digest
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-import uniter_fast  # noqa: E402,F401  (exposes kernels/ as uniter_fast.kernels)
-from uniter_fast.kernels import attention_triton as AT  # noqa: E402
-from uniter_fast.kernels import ipot_triton as IT  # noqa: E402
+import uniter_fast  # noqa: F401  (exposes kernels/ as uniter_fast.kernels)
+from uniter_fast.kernels import attention_triton as AT
+from uniter_fast.kernels import ipot_triton as IT
 
 OUT_DIR = os.path.join(HERE, "results", "gpu_compile")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -276,7 +276,7 @@ def compile_job(job: Job) -> Dict[str, Any]:
         smem = int(kernel.metadata.shared) + stats["static_smem"]
         row.update(stats, status="ok", num_warps=warps, smem_bytes=smem,
                    **occupancy(job.arch, stats["registers"], smem, warps))
-    except Exception as e:  # noqa: BLE001 - a compile error is a row of the report
+    except Exception as e:  # a compile error is a row of the report
         row.update(status="error", error=f"{type(e).__name__}: {str(e)[-1500:]}")
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     return row

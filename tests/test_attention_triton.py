@@ -28,7 +28,7 @@ if not (HAS_CUDA or INTERPRET):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 triton = pytest.importorskip("triton")
 
-from uniter_fast.kernels import attention_triton as AT  # noqa: E402
+from uniter_fast.kernels import attention_triton as AT
 
 CPU = torch.device("cpu")
 DEV = torch.device("cuda") if HAS_CUDA else CPU

@@ -16,16 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
-import benchutil as bu  # noqa: E402
-import synthetic_batches as bb  # noqa: E402
+import benchutil as bu
+import synthetic_batches as bb
 
 _spec = importlib.util.spec_from_file_location("uniter_bench_report",
                                                os.path.join(BENCH, "report.py"))
 report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
 
-import uniter_fast  # noqa: E402
-from uniter_fast import ops  # noqa: E402
+import uniter_fast
+from uniter_fast import ops
 
 
 def _run_benchmarks(tmp_path, device):

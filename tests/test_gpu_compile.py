@@ -25,10 +25,10 @@ triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 needs_ptxas = pytest.mark.skipif(not os.path.exists(PTXAS), reason="no ptxas in the triton wheel")
 
-from uniter_fast.kernels import attention_triton as AT  # noqa: E402
+from uniter_fast.kernels import attention_triton as AT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import gpu_gate as gate  # noqa: E402
+import gpu_gate as gate
 
 REGEN = "regenerate it: python benchmarks/gpu_compile_report.py"
 SHORT = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}

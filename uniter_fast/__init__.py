@@ -31,10 +31,10 @@ def _expose_source_kernels() -> None:
 
 _expose_source_kernels()
 
-from . import ops, reference  # noqa: E402
-from .config import UniterConfig, config_path  # noqa: E402
-from .model import TASKS, UniterForPretraining, UniterModel, UniterPreTrainedModel, itm_ot_loss  # noqa: E402
-from .ops import optimal_transport_dist  # noqa: E402
+from . import ops, reference
+from .config import UniterConfig, config_path
+from .model import TASKS, UniterForPretraining, UniterModel, UniterPreTrainedModel, itm_ot_loss
+from .ops import optimal_transport_dist
 
 __all__ = ["UniterConfig", "config_path", "UniterModel", "UniterPreTrainedModel",
            "UniterForPretraining", "itm_ot_loss", "optimal_transport_dist", "TASKS", "ops",

@@ -29,8 +29,8 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from uniter_fast.training import Trainer, build_arg_parser  # noqa: E402
-from uniter_fast.training.finetune import (  # noqa: E402
+from uniter_fast.training import Trainer, build_arg_parser
+from uniter_fast.training.finetune import (
     CLI_OVERRIDES,
     DESCRIPTION,
     TASK_NAMES,

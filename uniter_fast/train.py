@@ -26,10 +26,10 @@ if __package__ in (None, ""):
 
 # The implementation lives in uniter_fast.training (shared with fine-tuning); these
 # names stay importable from here for scripts written against earlier versions.
-from uniter_fast.data import text_meta  # noqa: E402
-from uniter_fast.training import build_arg_parser as _build_arg_parser  # noqa: E402
-from uniter_fast.training import init_distributed, load_configs, param_groups  # noqa: E402
-from uniter_fast.training.pretrain import (  # noqa: E402
+from uniter_fast.data import text_meta
+from uniter_fast.training import build_arg_parser as _build_arg_parser
+from uniter_fast.training import init_distributed, load_configs, param_groups
+from uniter_fast.training.pretrain import (
     DEFAULT_CONFIG,
     DESCRIPTION,
     IMG_DIM,

@@ -211,7 +211,7 @@ def _accepts(b: _Backend, call: Call) -> Reason:
         return None
     try:
         return b.accepts(call)
-    except Exception as e:  # noqa: BLE001 - a predicate bug must not hide the backend silently
+    except Exception as e:  # a predicate bug must not hide the backend silently
         return f"{type(e).__name__} in its accepts predicate: {e}"
 
 
