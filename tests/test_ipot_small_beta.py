@@ -31,7 +31,9 @@ relative 2^-24 of an exponent r = |C|/beta of at most IPOT_FAST_MAX_COST_OVER_BE
 and the t iterations raise A to the t-th power (T ∝ A^t u vᵀ): a relative plan
 error of about t · r · 2^-24, so the tolerance is 1/m · (1e-6 + 2 · t · r · 2^-24).
 """
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -57,6 +59,7 @@ IPOT_BACKENDS = [(b, "cpu") for b in ops.available_backends("ipot", "cpu")] + (
 WRA_BACKENDS = [(b, "cpu") for b in ops.available_backends("optimal_transport_dist", "cpu")] + (
     [(b, "cuda") for b in ops.available_backends("optimal_transport_dist", "cuda")] if GPU else [])
 INTERPRETED = ("triton", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -272,36 +275,18 @@ def test_tiny_beta_on_a_wide_cost_is_computed(backend, device):
 
 # ----------------------------------------------------------------- the float32 kernels' range
 
-def adversarial(family, m, n, ratio, seed):
-    """A cost [1, m, n] spanning exactly ``ratio`` (beta = 1).  "binary": entries
-    0 or ratio (ties everywhere); "perm": the first min(m, n) rows have one 0
-    each (in a random column), every other entry is ratio, so the optimal plan
-    needs costly entries that first decay for many iterations; "cos2": 1 - cos of 2-d embeddings
-    (a few near-equal directions); "uniform"."""
-    g = torch.Generator().manual_seed(seed)
-    if family == "binary":
-        C = (torch.rand(m, n, generator=g, dtype=torch.float64) < 0.5).double()
-    elif family == "perm":
-        C = torch.ones(m, n, dtype=torch.float64)
-        p = torch.randperm(max(m, n), generator=g)[:min(m, n)]
-        C[torch.arange(min(m, n)), p % n] = 0
-    elif family == "cos2":
-        x = torch.nn.functional.normalize(torch.randn(m, 2, generator=g, dtype=torch.float64), dim=1)
-        y = torch.nn.functional.normalize(torch.randn(n, 2, generator=g, dtype=torch.float64), dim=1)
-        C = 1 - x @ y.t()
-    else:
-        C = torch.rand(m, n, generator=g, dtype=torch.float64)
-    C = C - C.min()
-    C = C / C.max() if C.max() > 0 else C
-    return (ratio * C).float()[None]
-
-
-ADVERSARIAL_SHAPES = ((5, 7), (37, 13), (13, 37), (23, 9), (1, 7), (7, 1), (60, 100))
+# the adversarial cost families of the range search (benchmarks/ipot_float32_range.py)
+_spec = importlib.util.spec_from_file_location(
+    "ipot_float32_range", os.path.join(ROOT, "benchmarks", "ipot_float32_range.py"))
+RANGE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(RANGE)
+adversarial = RANGE.adversarial
 FLOAT32_KERNELS = [b for b in IPOT_BACKENDS if b != INTERPRETED]
 
 
 def _kernel_error(backend, device, C, iteration):
-    """max |T - T64| / tol of the backend called directly (no routing)."""
+    """max |T - T64| / tol of the backend called directly (no routing), T64 from
+    this file's transcription."""
     m, n = C.shape[1:]
     tp, ip = torch.zeros(1, m, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)
     fn = _registry.resolve("ipot", backend, torch.device(device), torch.float32)
@@ -317,8 +302,8 @@ def test_float32_kernels_match_float64_inside_their_range(backend, device):
     IPOT_FAST_MAX_ITERATIONS iterations, handed to the kernel itself: every one
     matches float64 (the range the ops give the kernels is one they compute)."""
     worst = 0.0
-    for family in ("binary", "perm", "cos2", "uniform"):
-        for m, n in ADVERSARIAL_SHAPES:
+    for family in RANGE.FAMILIES:
+        for m, n in RANGE.SHAPES:
             for seed in range(4 if (m, n) == (60, 100) else 12):
                 C = adversarial(family, m, n, IPOT_FAST_MAX_COST_OVER_BETA, seed)
                 for iteration in (ITERATION, IPOT_FAST_MAX_ITERATIONS):
