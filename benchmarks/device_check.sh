@@ -10,8 +10,9 @@
 # 4. turns the results into PNG plots and a markdown table, printed last.
 #
 # Everything goes to $OUT when set (the device tool's folder; at most 8 files
-# come back: device_check.log, cuda_tests.log, the results JSON, table.md and
-# two PNGs), else to benchmarks/results/device_check_<time>/ (git-ignored).
+# come back: device_check.log, cuda_tests.log, the results JSON, table.md,
+# two PNGs, and ipot_float32_range/ with the IPOT range search's .json/.md:
+# copy those to results/ipot_float32_range/), else to benchmarks/results/device_check_<time>/ (git-ignored).
 # After a run, copy the JSON and PNGs into benchmarks/results/ and commit them
 # (`python benchmarks/report.py --readme README.md` then updates the table).
 # Each stage is
@@ -75,6 +76,10 @@ timeout "$(cap 150 240)" $PY -m pytest tests -m cuda -k "not benchmarks_smoke" -
   -rfE --durations=5 2>&1 | tee "$OUT_DIR/cuda_tests.log" | tail -n 60
 TESTS_RC=$?
 echo "CUDA tests exit status: $TESTS_RC"
+
+stage "float32 IPOT range on the GPU kernels (benchmarks/ipot_float32_range.py --seeds 3)"
+timeout "$(cap 90 200)" $PY benchmarks/ipot_float32_range.py --seeds 3 --out-dir "$OUT_DIR/ipot_float32_range" 2>&1 | tail -n 40
+echo "IPOT range search exit status: ${PIPESTATUS[0]}"
 
 stage "benchmarks (pytest benchmarks --benchmark-only)"
 # 0.6 s of timed rounds per benchmark (>= 10 rounds for anything under 60 ms)

@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=12, help="seeds per family and shape")
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--out-dir", default=OUT_DIR, help=f"where the tables go (default {OUT_DIR})")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = sweep(args.seeds, float32_backends())
@@ -174,8 +175,8 @@ def main(argv=None) -> int:
     md = markdown(rows, meta)
     print(md)
     if not args.no_save:
-        os.makedirs(OUT_DIR, exist_ok=True)
-        base = os.path.join(OUT_DIR, f"{meta['date']}_{slug(device)}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        base = os.path.join(args.out_dir, f"{meta['date']}_{slug(device)}")
         with open(base + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         with open(base + ".md", "w") as f:

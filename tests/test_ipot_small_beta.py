@@ -59,6 +59,14 @@ IPOT_BACKENDS = [(b, "cpu") for b in ops.available_backends("ipot", "cpu")] + (
 WRA_BACKENDS = [(b, "cpu") for b in ops.available_backends("optimal_transport_dist", "cpu")] + (
     [(b, "cuda") for b in ops.available_backends("optimal_transport_dist", "cuda")] if GPU else [])
 INTERPRETED = ("triton", "cpu")
+
+
+def params(pairs):
+    """parametrize values; the GPU ones carry the ``cuda`` marker (``pytest -m cuda``,
+    benchmarks/device_check.sh)."""
+    return [pytest.param(b, d, marks=pytest.mark.cuda, id=f"{b}-{d}") if d == "cuda" else (b, d)
+            for b, d in pairs]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -239,7 +247,7 @@ def _sweep_backend(backend, device, shapes=SHAPES, offsets=OFFSETS, betas=BETAS)
     return on_kernel, on_log
 
 
-@pytest.mark.parametrize("backend,device", [b for b in IPOT_BACKENDS if b != INTERPRETED])
+@pytest.mark.parametrize("backend,device", params(b for b in IPOT_BACKENDS if b != INTERPRETED))
 def test_ipot_beta_sweep_against_float64(backend, device):
     counts = _sweep_backend(backend, device)
     print(backend, device, "cases on the float32 kernel / on the log-domain path:", counts)
@@ -257,7 +265,7 @@ def test_ipot_beta_sweep_against_float64_triton_interpreter():
     assert counts[0] >= 4 and counts[1] >= 4, counts
 
 
-@pytest.mark.parametrize("backend,device", IPOT_BACKENDS)
+@pytest.mark.parametrize("backend,device", params(IPOT_BACKENDS))
 def test_tiny_beta_on_a_wide_cost_is_computed(backend, device):
     # after any shift this cost still spans 2: beyond the float32 kernels below
     # beta = 2/6, computed in the log domain (it raised "too small" before)
@@ -296,7 +304,7 @@ def _kernel_error(backend, device, C, iteration):
     return err / plan_tol(tp, ip, iteration)
 
 
-@pytest.mark.parametrize("backend,device", FLOAT32_KERNELS)
+@pytest.mark.parametrize("backend,device", params(FLOAT32_KERNELS))
 def test_float32_kernels_match_float64_inside_their_range(backend, device):
     """Costs spanning exactly IPOT_FAST_MAX_COST_OVER_BETA · beta, at 50 and at
     IPOT_FAST_MAX_ITERATIONS iterations, handed to the kernel itself: every one
@@ -342,7 +350,7 @@ def wra64(x, y, tp, ip, beta):
     return (cst * T.transpose(1, 2)).sum((1, 2))
 
 
-@pytest.mark.parametrize("backend,device", WRA_BACKENDS)
+@pytest.mark.parametrize("backend,device", params(WRA_BACKENDS))
 def test_wra_beta_sweep_against_float64(backend, device):
     B, M, N, D = (3, 5, 7, 5) if (backend, device) == INTERPRETED else (4, 9, 13, 5)
     g = torch.Generator().manual_seed(7)   # D = 5: cosines over much of [-1, 1]
