@@ -4,6 +4,7 @@
 
     python benchmarks/ipot_float32_range.py              # the grid below, 12 seeds a cell
     python benchmarks/ipot_float32_range.py --seeds 4    # quicker
+    python benchmarks/ipot_float32_range.py --device cuda   # the GPU kernels only
 
 Every float32 IPOT backend available here (the C++ kernel and the float32
 reference on a CPU; the Triton and CUDA kernels too on a GPU) is handed
@@ -92,9 +93,12 @@ def kernel_error(backend: str, device: str, C: torch.Tensor, iteration: int, rat
     return err / plan_tolerance(m, iteration, ratio)
 
 
-def float32_backends() -> List[tuple]:
-    out = [(b, "cpu") for b in available_backends("ipot", "cpu") if b != "triton"]
-    if torch.cuda.is_available():
+def float32_backends(device: str = "all") -> List[tuple]:
+    """(backend, device) pairs: the CPU ones (not Triton's interpreter) and the GPU ones."""
+    out = []
+    if device in ("all", "cpu"):
+        out += [(b, "cpu") for b in available_backends("ipot", "cpu") if b != "triton"]
+    if device in ("all", "cuda") and torch.cuda.is_available():
         out += [(b, "cuda") for b in available_backends("ipot", "cuda")]
     return out
 
@@ -157,11 +161,17 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=12, help="seeds per family and shape")
+    ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                    help="which backends: the CPU ones, the GPU ones or all available")
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--out-dir", default=OUT_DIR, help=f"where the tables go (default {OUT_DIR})")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = sweep(args.seeds, float32_backends())
+    backends = float32_backends(args.device)
+    if not backends:
+        print(f"no float32 IPOT backend available for --device {args.device}", file=sys.stderr)
+        return 2
+    rows = sweep(args.seeds, backends)
     device = (torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_model()}")
     now = dt.datetime.now()
     meta = dict(device=device, date=now.strftime("%Y-%m-%d"), seeds=args.seeds,
