@@ -140,7 +140,8 @@ def plan_tol(tp, ip, iteration=ITERATION):
 
 
 def goes_to_kernel(C, tp, ip, beta, iteration=ITERATION):
-    return fast_cost(C, tp, ip, beta, iteration)[0] is not None
+    """Every example of the batch is computed by the float32 kernel."""
+    return fast_cost(C, tp, ip, beta, iteration)[2] is None
 
 
 # ----------------------------------------------------------------- cases
@@ -279,6 +280,43 @@ def test_tiny_beta_on_a_wide_cost_is_computed(backend, device):
         d = ops.ipot_distance(C.to(device), tp.to(device), ip.to(device), beta, backend=backend)
         torch.testing.assert_close(d.cpu().double(), (C.double() * T64.transpose(1, 2)).sum((1, 2)),
                                    atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", params(IPOT_BACKENDS))
+def test_mixed_batch_routes_per_example(backend, device, monkeypatch):
+    """At beta = 0.25 a cost spanning 2 needs the log domain (8 beta) and one spanning
+    1 does not (4 beta): in one batch each example is routed on its own, the second
+    still on the kernel (equal to computing it alone), both matching float64, and
+    the distance and its gradient too."""
+    beta = 0.25
+    g = torch.Generator().manual_seed(11)
+    C = torch.rand(3, 6, 9, generator=g) * torch.tensor([2.0, 1.0, 0.5])[:, None, None] + 0.3
+    tp = torch.arange(6)[None] >= torch.tensor([6, 4, 5])[:, None]
+    ip = torch.arange(9)[None] >= torch.tensor([9, 9, 2])[:, None]
+    _, _, fits = fast_cost(C, tp, ip, beta, ITERATION)
+    assert fits.tolist() == [False, True, True]
+    from uniter_fast.reference import ot as ref_ot
+    log_domain, seen = ref_ot.ipot_log_domain, []
+
+    def spy(C, *args):
+        seen.append(C.size(0))
+        return log_domain(C, *args)
+    monkeypatch.setattr(ref_ot, "ipot_log_domain", spy)
+    Cd, tpd, ipd = C.to(device), tp.to(device), ip.to(device)
+    T = ops.ipot(Cd, tpd, ipd, beta, backend=backend).cpu()
+    assert seen == [1], seen        # only the first example went to the log domain
+    T64 = ipot64(C, tp, ip, beta)
+    torch.testing.assert_close(T.double(), T64, atol=plan_tol(tp, ip), rtol=0)
+    alone = ops.ipot(Cd[1:2], tpd[1:2], ipd[1:2], beta, backend=backend).cpu()
+    torch.testing.assert_close(T[1:2], alone, atol=1e-6 / 4, rtol=0)
+    Cg = Cd.clone().requires_grad_()
+    d = ops.ipot_distance(Cg, tpd, ipd, beta, backend=backend)
+    real = C.double().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
+    torch.testing.assert_close(d.detach().cpu().double(), (real * T64.transpose(1, 2)).sum((1, 2)),
+                               atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(d.sum(), Cg)
+    torch.testing.assert_close(grad.cpu().double(), T64.transpose(1, 2),
+                               atol=1.5 * plan_tol(tp, ip), rtol=0)
 
 
 # ----------------------------------------------------------------- the float32 kernels' range

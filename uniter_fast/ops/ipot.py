@@ -30,9 +30,10 @@ began at 8 · beta with 50 iterations and at 5 · beta with 150; see
 tests/test_ipot_small_beta.py).  A cost whose real entries lie in
 [0, 6 · beta] goes to the backend unchanged; any other first has each column's
 minimum over the real rows subtracted (the plan is exactly unchanged: delta
-absorbs a column factor of exp(-C/beta)), and goes to the backend if that spans
-at most 6 · beta.  Everything else (a smaller beta, rows at different offsets,
-more iterations) is computed by :func:`uniter_fast.reference.ot.ipot_log_domain`:
+absorbs a column factor of exp(-C/beta)), and the examples where that spans at
+most 6 · beta go to the backend.  Every other example (a smaller beta, rows at
+different offsets, more iterations) is computed by
+:func:`uniter_fast.reference.ot.ipot_log_domain`:
 the same updates in the log domain in float64, in plain PyTorch on C's device,
 whichever backend was asked for; it is exact for any beta > 0 (an entry is kept
 as its logarithm, so none is lost) and slower.  The distance is
@@ -123,25 +124,50 @@ def column_shifted(C, tp, ip):
 
 
 def fast_cost(C, tp, ip, beta, iteration):
-    """(cost, unchanged): the cost to hand a float32 backend, ``C.detach()``
-    (unchanged) when its real entries lie in [0, IPOT_FAST_MAX_COST_OVER_BETA ·
-    beta], else :func:`column_shifted`'s C' when that spans no more; (None, False)
-    when neither does, or for more than IPOT_FAST_MAX_ITERATIONS iterations (then
-    the plan is computed in the log domain, see the module docstring)."""
+    """(cost, unchanged, fits): which examples the float32 kernels may compute.
+
+    ``cost`` is what to hand them: ``C.detach()`` (``unchanged``) when the batch's
+    real entries lie in [0, IPOT_FAST_MAX_COST_OVER_BETA · beta], else
+    :func:`column_shifted`'s C'.  ``fits`` is None when every example goes to the
+    kernels, else a bool [B] naming those that do (C' spans at most that much);
+    the others, and every example beyond IPOT_FAST_MAX_ITERATIONS iterations (then
+    ``cost`` is None), are computed in the log domain (see the module docstring)."""
     C = C.detach()
     if C.numel() == 0:
-        return C, True
+        return C, True, None
     if iteration > IPOT_FAST_MAX_ITERATIONS:
-        return None, False
+        return None, False, torch.zeros(C.size(0), dtype=torch.bool, device=C.device)
     limit = IPOT_FAST_MAX_COST_OVER_BETA * beta
     lo, hi = torch.aminmax(C)
     if bool((lo >= 0) & (hi <= limit)):
-        return C, True
+        return C, True, None
     lo, hi = torch.aminmax(C.masked_fill(tp[:, :, None] | ip[:, None, :], 0))
     if bool((lo >= 0) & (hi <= limit)):   # only padded entries were out of range
-        return C, True
+        return C, True, None
     cost, span = column_shifted(C, tp, ip)
-    return (cost, False) if bool(span.max() <= limit) else (None, False)
+    fits = span <= limit
+    return cost, False, (None if bool(fits.all()) else fits)
+
+
+def routed_plan(C, tp, ip, beta, iteration, k, plan_fn, route=None):
+    """The plan [B, N, M]: ``plan_fn`` (a backend's ``ipot``) on the examples that fit
+    the float32 kernels, :func:`uniter_fast.reference.ot.ipot_log_domain` on the
+    rest; ``route``: :func:`fast_cost`'s answer when already computed."""
+    cost, _, fits = route or fast_cost(C, tp, ip, beta, iteration)
+    if fits is None:
+        return check_finite(plan_fn(cost, tp, ip, beta, iteration, k), beta,
+                            lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
+    slow = (~fits).nonzero().flatten()
+    fast = fits.nonzero().flatten()
+    if fast.numel() == 0:
+        return _ref.ipot_log_domain(C, tp, ip, beta, iteration, k)
+    out = torch.empty(C.size(0), C.size(2), C.size(1), dtype=torch.float32, device=C.device)
+    out[slow] = _ref.ipot_log_domain(C[slow], tp[slow], ip[slow], beta, iteration, k)
+    sub = cost[fast]
+    out[fast] = check_finite(plan_fn(sub, tp[fast], ip[fast], beta, iteration, k), beta,
+                             lambda: [sub.masked_fill(tp[fast][:, :, None] | ip[fast][:, None, :],
+                                                      0)])
+    return out
 
 
 def check_finite(result, beta, inputs):
@@ -272,11 +298,7 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     Small beta and offset costs: see the module docstring."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
     fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    cost = fast_cost(C, tp, ip, beta, iteration)[0]
-    if cost is None:
-        return _ref.ipot_log_domain(C, tp, ip, beta, iteration, k)
-    return check_finite(fn(cost, tp, ip, beta, iteration, k), beta,
-                        lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
+    return routed_plan(C, tp, ip, beta, iteration, k, fn)
 
 
 def distance_on_backend(C, tp, ip, beta, iteration, k, backend=None):
@@ -287,19 +309,15 @@ def distance_on_backend(C, tp, ip, beta, iteration, k, backend=None):
 
 def distance_unchecked(C, tp, ip, beta, iteration, k, backend=None):
     """:func:`ipot_distance` on inputs that already meet its contract."""
-    cost, unchanged = fast_cost(C, tp, ip, beta, iteration)
-    if unchanged:
+    route = fast_cost(C, tp, ip, beta, iteration)
+    if route[1]:   # unchanged: the backend's fused distance
         return check_finite(distance_on_backend(C, tp, ip, beta, iteration, k, backend), beta,
-                            lambda: [cost.masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
-    if cost is None:
-        T = _ref.ipot_log_domain(C, tp, ip, beta, iteration, k)
-    else:
-        # the plan of the shifted cost on the backend ipot_distance would run
-        name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
-        T = check_finite(_registry.resolve(OP, name, C.device, C.dtype)(cost, tp, ip, beta,
-                                                                       iteration, k),
-                         beta, lambda: [cost])
-    # the trace of the original cost (gradient Tᵀ by autograd)
+                            lambda: [route[0].masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
+    # the plan (on the backend ipot_distance would run, where it fits), then the trace of
+    # the original cost (gradient Tᵀ by autograd)
+    name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
+    T = routed_plan(C, tp, ip, beta, iteration, k,
+                    _registry.resolve(OP, name, C.device, C.dtype), route)
     real = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
     return (real * T.transpose(1, 2)).sum(dim=(1, 2))
 
