@@ -57,6 +57,42 @@ def test_stop_request_install_restore():
     assert signal.getsignal(signal.SIGTERM) == old
 
 
+def test_stop_request_is_ignored_in_a_forked_child():
+    """A process forked from the trainer (a DataLoader worker, before its
+    worker_init_fn) inherits the handler: there it does nothing, in the trainer
+    it still sets the flag."""
+    msgs = []
+
+    class _S:
+        def write(self, m):
+            msgs.append(m)
+
+        def flush(self):
+            pass
+    stop = StopRequest(exit_fn=lambda c: None, stream=_S())
+    assert stop.install()
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:    # the child: only os calls, then _exit
+            try:
+                os.close(r)
+                os.kill(os.getpid(), signal.SIGINT)
+                os.write(w, b"ignored" if stop.signum is None and not msgs else b"handled")
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            got = f.read()
+        os.waitpid(pid, 0)
+        assert got == b"ignored"
+        assert stop.signum is None and not msgs
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and "SIGINT received" in msgs[0]
+    finally:
+        stop.restore()
+
+
 def _interrupt(proc, out, at_step, sig, target_pid=None):
     reached = wait_for_step(out, at_step, proc)
     if proc.poll() is None:

@@ -39,6 +39,7 @@ class StopRequest:
         self._exit, self._clock = exit_fn, clock
         self._stream = stream
         self._old: Dict[int, object] = {}
+        self._pid: Optional[int] = None
 
     def _say(self, msg: str) -> None:
         s = self._stream or sys.stderr
@@ -49,6 +50,10 @@ class StopRequest:
             pass
 
     def handler(self, signum: int, frame=None) -> None:
+        if self._pid is not None and os.getpid() != self._pid:
+            # a process forked from the trainer (a DataLoader worker before its
+            # worker_init_fn ran): the trainer handles the stop, not this process
+            return
         name = signal.Signals(signum).name
         now = self._clock()
         if self.signum is None:
@@ -65,6 +70,7 @@ class StopRequest:
         """Install the handlers (main thread only); False where that is impossible."""
         if threading.current_thread() is not threading.main_thread():
             return False
+        self._pid = os.getpid()
         for s in STOP_SIGNALS:
             self._old[s] = signal.signal(s, self.handler)
         return True
