@@ -40,9 +40,11 @@ class ConcatDatasetWithLens(ConcatDataset):
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker ignores SIGINT / SIGTERM.  A terminal's
-    Ctrl-C and many schedulers signal the whole process group; forked workers would
-    otherwise run the trainer's handler too (and announce a checkpoint they do not
-    write).  The main process stops, saves and ends its workers."""
+    Ctrl-C and many schedulers signal the whole process group; a worker started by
+    spawn / forkserver would otherwise die of it (KeyboardInterrupt) under the
+    trainer, and a forked one inherits the trainer's handler (which does nothing
+    outside the trainer's process, see uniter_fast.training.signals).  The main
+    process stops, saves and ends its workers."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 

@@ -134,11 +134,10 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
     x, y = txt_emb.float(), img_emb.float()
     if beta >= WRA_FAST_MIN_BETA and iteration <= IPOT_FAST_MAX_ITERATIONS:
         dist = fn(x, y, tp, ip, beta, iteration, k)
-    else:   # the cost, then ipot_distance's routing (float64 log domain where needed)
+    else:   # the cost op, then ipot_distance's routing (float64 log domain where needed)
         name = _registry.selected_backend(WRA_OP, backend, txt_emb.device, torch.float32)
-        cost = (_ref.cost_matrix_cosine(x, y).masked_fill(tp[:, :, None] | ip[:, None, :], 0)
-                if name == "reference" else cosine_cost_unchecked(x, y, tp, ip, COSINE_EPS))
-        dist_backend = name if name in _registry.registered_backends(DIST_OP) else None
-        dist = distance_unchecked(cost, tp, ip, beta, iteration, k, dist_backend)
+        cost = cosine_cost_unchecked(x, y, tp, ip, COSINE_EPS)
+        dist = distance_unchecked(cost, tp, ip, beta, iteration, k,
+                                  name if name in _registry.registered_backends(DIST_OP) else None)
     return check_finite(dist, beta, lambda: [x.masked_fill(tp[:, :, None], 0),
                                              y.masked_fill(ip[:, :, None], 0)])
