@@ -106,7 +106,6 @@ def float32_backends(device: str = "all") -> List[tuple]:
 def sweep(seeds: int, backends, ratios=RATIOS, iterations=ITERATIONS) -> List[Dict]:
     """One row per backend, span, iteration count and family."""
     rows = []
-    no_pad = (torch.zeros(1, 1, dtype=torch.bool),) * 2
     for ratio in ratios:
         for iteration in iterations:
             for family in FAMILIES:
@@ -116,8 +115,9 @@ def sweep(seeds: int, backends, ratios=RATIOS, iterations=ITERATIONS) -> List[Di
                 for m, n in SHAPES:
                     for seed in range(max(1, seeds // 3) if (m, n) == (60, 100) else seeds):
                         C = adversarial(family, m, n, ratio, seed)
-                        tp, ip = no_pad[0].expand(1, m), no_pad[1].expand(1, n)
-                        T64 = ipot_log_domain(C, tp, ip, 1.0, iteration, 1).double()
+                        T64 = ipot_log_domain(C, torch.zeros(1, m, dtype=torch.bool),
+                                              torch.zeros(1, n, dtype=torch.bool),
+                                              1.0, iteration, 1).double()
                         for b in backends:
                             e = kernel_error(*b, C, iteration, ratio, T64)
                             r = acc[b]
