@@ -14,7 +14,7 @@
 # two PNGs, and ipot_float32_range/ with the IPOT range search's .json/.md:
 # copy those to results/ipot_float32_range/), else to benchmarks/results/device_check_<time>/ (git-ignored).
 # After a run, copy the JSON and PNGs into benchmarks/results/ and commit them
-# (`python benchmarks/report.py --readme README.md` then updates the table).
+# (`python benchmarks/report.py --doc docs/performance.md` then updates the table).
 # Each stage is
 # bounded with `timeout` so that the whole script ends within
 # DEVICE_CHECK_BUDGET seconds (default 470, i.e. under 8 minutes).  Results

@@ -59,7 +59,7 @@ def default_pretrain_run(shared_cache):
     ``synthetic:pretrain`` checkpoint (the fine-tuning tests pass ``--precision fp32`` too)
     and cached: its directory, standard output and metrics records.  fp32 everywhere, so
     that the convergence targets do not depend on which CPU the suite lands on (in bf16
-    the fine-tuning targets were not all met: README)."""
+    the fine-tuning targets were not all met: docs/tasks/vqa-ve-nlvr2.md)."""
     import json
 
     from uniter_fast.training.finetune import TRAIN_LOG_FILE, ensure_synthetic_pretrain

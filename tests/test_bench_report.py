@@ -1,4 +1,4 @@
-"""benchmarks/report.py: result files -> README table and plots (on sample files)."""
+"""benchmarks/report.py: result files -> the perf table of docs/performance.md and plots (on sample files)."""
 import copy
 import importlib.util
 import json
@@ -194,27 +194,37 @@ def test_itr_eval_row_shows_pairs_per_second_and_the_original_loop(tmp_path):
         "300 pairs/s (the loop on fast ops) |")
 
 
-def test_readme_markers_rewritten_in_place(tmp_path):
-    readme = tmp_path / "README.md"
+def test_doc_markers_rewritten_in_place(tmp_path):
+    page = tmp_path / "performance.md"
     before = "# Title\n\nintro\n\n"
     after = "\n\n## Later\ntext\n"
-    readme.write_text(before + report.BEGIN + "\nstale | table\n" + report.END + after)
+    page.write_text(before + report.BEGIN + "\nstale | table\n" + report.END + after)
     doc = report.load(_write(tmp_path, "r.json", SAMPLE))
-    report.write_readme(str(readme), report.table([doc]))
-    once = readme.read_text()
+    report.write_doc(str(page), report.table([doc]))
+    once = page.read_text()
     assert once.startswith(before + report.BEGIN + "\n| Benchmark |")
     assert once.endswith(report.END + after)
     assert "stale" not in once and "**2.50×**" in once
-    report.write_readme(str(readme), report.table([doc]))
-    assert readme.read_text() == once                         # idempotent
+    assert f"report.py --doc {report.DOC}`" in once
+    report.write_doc(str(page), report.table([doc]))
+    assert page.read_text() == once                           # idempotent
+    assert report.write_readme is report.write_doc            # the old name
 
 
-def test_readme_without_markers_is_refused(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers here\n")
+def test_doc_without_markers_is_refused(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text("# no markers here\n")
     with pytest.raises(ValueError, match="perf-table"):
-        report.write_readme(str(readme), "| x |\n")
-    assert readme.read_text() == "# no markers here\n"
+        report.write_doc(str(page), "| x |\n")
+    assert page.read_text() == "# no markers here\n"
+
+
+def test_published_page_holds_the_markers():
+    """The table lives in docs/performance.md (report.DOC), between the markers, in order."""
+    with open(os.path.join(ROOT, report.DOC), encoding="utf-8") as f:
+        text = f.read()
+    i, j = text.find(report.BEGIN), text.find(report.END)
+    assert 0 <= i < j, report.DOC
 
 
 def test_sweep_series_and_plots(tmp_path):
@@ -239,14 +249,18 @@ def test_cli_writes_table_and_skips_smoke_runs(tmp_path, capsys):
     smoke["created"] = "2026-12-31T00:00:00"                 # newer, but a smoke run
     smoke["results"][0]["speedup"]["reference"] = 99.0
     files = [_write(tmp_path, "real.json", SAMPLE), _write(tmp_path, "smoke.json", smoke)]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"x\n{report.BEGIN}\n{report.END}\n")
-    rc = report.main(files + ["--no-plots", "--readme", str(readme),
+    page = tmp_path / "performance.md"
+    page.write_text(f"x\n{report.BEGIN}\n{report.END}\n")
+    rc = report.main(files + ["--no-plots", "--doc", str(page),
                               "--table-out", str(tmp_path / "t.md")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "**2.50×**" in out and "99.00×" not in out
-    assert (tmp_path / "t.md").read_text() in readme.read_text()
+    assert (tmp_path / "t.md").read_text() in page.read_text()
+    old = tmp_path / "README.md"                              # --readme: the old name of --doc
+    old.write_text(f"y\n{report.BEGIN}\n{report.END}\n")
+    assert report.main([files[0], "--no-plots", "--readme", str(old)]) == 0
+    assert (tmp_path / "t.md").read_text() in old.read_text()
     assert report.main([files[1], "--no-plots"]) == 1        # nothing usable
     assert report.main([files[1], "--no-plots", "--include-smoke"]) == 0
     assert "99.00×" in capsys.readouterr().out

@@ -3,9 +3,9 @@
 The default pretraining run, made once per test session by the ``default_pretrain_run``
 fixture (tests/conftest.py): the packaged default config and ds.json as the main command
 runs them (3000 steps, ZeRO-2), in fp32 on every CPU (what the main command does on a CPU
-without native bf16; the bf16 run's figures are in the README), cached as fine-tuning's
+without native bf16; the bf16 run's figures are in docs/pretraining.md), cached as fine-tuning's
 ``synthetic:pretrain`` checkpoint so the fine-tuning tests start from the same run.  One test per objective on its last
-validation (held-out images): each metric must reach the README's target (``TARGETS``
+validation (held-out images): each metric must reach its target in docs/pretraining.md (``TARGETS``
 in ``uniter_fast/training/pretrain_eval.py``, printed in the end-of-run table) and beat
 its chance / majority / mean baseline.  A wrong label alignment in a head, a mask
 that leaks or a broken WRA plan leaves that objective at its baseline.
@@ -98,7 +98,7 @@ def test_wra_distance_separates_matched_pairs(default_run):
     val = default_run["val"]
     _check(default_run, "wra/ot_pair_acc", 0.3)
     assert val["wra_synthetic/ot_pos"] < val["wra_synthetic/ot_neg"]
-    # the plan's word/phrase alignment is reported beside chance (no target: README)
+    # the plan's word/phrase alignment is reported beside chance (no target: docs/pretraining.md)
     assert 0 <= val["wra_synthetic/align_acc"] <= 1
     assert val["wra_synthetic/align_acc_chance"] == pytest.approx(1 / 6, rel=1e-4)
 
