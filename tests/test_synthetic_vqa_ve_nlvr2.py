@@ -1,4 +1,5 @@
-"""Synthetic VQA / VE / NLVR2 dbs (fast): deterministic by seed, cached atomically, in
+"""Synthetic VQA / VE / NLVR2 dbs (uniter_fast.data.synthetic_tasks.{vqa,ve,nlvr2}; fast):
+deterministic by seed, cached atomically, in
 UNITER's record layouts and read by the real datasets, the ground truth of every record
 recomputed here from the image db (boxes, detector labels), VQA soft scores as
 min(#annotators / 3, 1), NLVR2 statements balanced and grouped for consistency, and the
@@ -14,25 +15,28 @@ import pytest
 from uniter_fast.data.db import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.synthetic import CELL_NAMES, CLASS_NAMES, SyntheticSpec, build_vocab
 from uniter_fast.data.synthetic_tasks import (
-    MODIFIERS,
-    NLVR2_TEMPLATES,
-    VE_LABELS,
     TaskSpec,
-    baselines,
     ensure_task_dbs,
     generate_task_dbs,
+    make_spec,
+    nlvr2,
     task_vocab,
+    ve,
+    vqa,
 )
+from uniter_fast.data.synthetic_tasks.nlvr2 import NLVR2_TEMPLATES
+from uniter_fast.data.synthetic_tasks.ve import MODIFIERS, VE_LABELS
 from uniter_fast.data.vqa import load_ans2label
 
 WORLD = SyntheticSpec(max_bb=6, min_bb=6)
 SMALL = {"vqa": dict(num_train=40, num_val=12, per_item=3),
          "ve": dict(num_train=40, num_val=12, per_item=3),
          "nlvr2": dict(num_train=12, num_val=6, per_item=4)}
+GEN = {"vqa": vqa, "ve": ve, "nlvr2": nlvr2}
 
 
 def _spec(task, **kw):
-    return TaskSpec(task=task, **dict(SMALL[task], **kw))
+    return make_spec(GEN[task], dict(SMALL[task], **kw))
 
 
 def _db_digest(root):
@@ -52,16 +56,19 @@ def _db_digest(root):
 @pytest.mark.parametrize("task", ["vqa", "ve", "nlvr2"])
 def test_deterministic_and_cached(task, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    generate_task_dbs(a, _spec(task), WORLD)
-    generate_task_dbs(b, _spec(task), WORLD)
+    gen = GEN[task]
+    generate_task_dbs(gen, a, _spec(task), WORLD)
+    generate_task_dbs(gen, b, _spec(task), WORLD)
     assert _db_digest(a) == _db_digest(b)
     c = str(tmp_path / "c")
-    generate_task_dbs(c, _spec(task, seed=2), WORLD)
+    generate_task_dbs(gen, c, _spec(task, seed=2), WORLD)
     assert _db_digest(c) != _db_digest(a)
-    p1 = ensure_task_dbs(_spec(task), WORLD, str(tmp_path / "cache"))
+    p1 = ensure_task_dbs(gen, _spec(task), WORLD, str(tmp_path / "cache"))
     mtime = os.path.getmtime(os.path.join(p1["root"], "spec.json"))
-    p2 = ensure_task_dbs(_spec(task), WORLD, str(tmp_path / "cache"))
+    p2 = ensure_task_dbs(gen, _spec(task), WORLD, str(tmp_path / "cache"))
     assert p1 == p2 and os.path.getmtime(os.path.join(p2["root"], "spec.json")) == mtime
+    assert set(p1) == {"root", *gen.PARTS} == {"root", "train", "val", "img"}
+    assert os.path.basename(p1["root"]).startswith(f"synthetic-{task}-")
     assert not [d for d in os.listdir(tmp_path / "cache") if d.startswith(".")], "no temp dir"
 
 
@@ -86,7 +93,7 @@ def _objects(img, fname, k):
 
 def _open(task, tmp_path, **kw):
     root = str(tmp_path / task)
-    generate_task_dbs(root, _spec(task, **kw), WORLD)
+    generate_task_dbs(GEN[task], root, _spec(task, **kw), WORLD)
     img = DetectFeatLmdb(os.path.join(root, "img"), WORLD.conf_th, WORLD.max_bb, WORLD.min_bb)
     dbs = {s: TxtTokLmdb(os.path.join(root, f"txt_{s}.db"), -1) for s in ("train", "val")}
     return root, img, dbs
@@ -195,18 +202,67 @@ def test_the_real_datasets_read_them(tmp_path):
 
 def test_baselines_are_those_of_a_blind_model(tmp_path):
     root, img, dbs = _open("ve", tmp_path, num_train=120)
-    b = baselines("ve", os.path.join(root, "txt_train.db"), os.path.join(root, "txt_val.db"))
+    b = ve.baselines(os.path.join(root, "txt_train.db"), os.path.join(root, "txt_val.db"))
     assert b["chance"] == pytest.approx(1 / 3) and 0.3 <= b["majority"] <= 0.6
     assert b["text_only"] < 0.8
     root, img, dbs = _open("nlvr2", tmp_path / "n", num_train=40)
-    b = baselines("nlvr2", os.path.join(root, "txt_train.db"), os.path.join(root, "txt_val.db"))
+    b = nlvr2.baselines(os.path.join(root, "txt_train.db"), os.path.join(root, "txt_val.db"))
     assert b["chance"] == 0.5 and 0.0 <= b["text_only_consistency"] <= b["text_only"]
 
 
-def test_bad_specs_raise():
-    with pytest.raises(ValueError, match="synthetic task"):
-        TaskSpec(task="gqa").validate(WORLD)
+def test_bad_specs_raise(tmp_path):
+    with pytest.raises(ValueError, match="synthetic_task.task is 'gqa' but this run's data is "
+                                         "'vqa'"):
+        make_spec(vqa, {"task": "gqa"})
+    with pytest.raises(ValueError, match="bad 'synthetic_task' section.*'num_test'"):
+        make_spec(vqa, {"num_test": 5})
+    # VQA's annotator fields are not VE's / NLVR2's to set
+    for gen in (ve, nlvr2):
+        with pytest.raises(ValueError, match=r"bad 'synthetic_task' section.*\['max_count'\]"):
+            make_spec(gen, {"max_count": 2})
+    with pytest.raises(ValueError, match="'vqa' given to the 've' generator"):
+        ensure_task_dbs(ve, _spec("vqa"), WORLD, str(tmp_path))
+    with pytest.raises(ValueError, match="not set"):
+        ensure_task_dbs(vqa, TaskSpec(task="vqa", seed=1), WORLD, str(tmp_path))
     with pytest.raises(ValueError, match="max_bb"):
-        TaskSpec(task="vqa", max_objects=5).validate(SyntheticSpec(max_bb=4, min_bb=4))
+        ensure_task_dbs(vqa, make_spec(vqa, {"max_objects": 5}),
+                        SyntheticSpec(max_bb=4, min_bb=4), str(tmp_path))
     with pytest.raises(ValueError, match="max_count"):
-        TaskSpec(task="vqa", max_count=9).validate(WORLD)
+        vqa.validate(make_spec(vqa, {"max_count": 9}), WORLD)
+    assert not os.listdir(tmp_path), "nothing generated"
+
+
+def test_spec_defaults_and_record(tmp_path):
+    """The section goes over the generator's DEFAULTS (a section's ``task`` may name the
+    data); ``spec.json`` records ``task`` and the DEFAULTS fields (VE and NLVR2 keep
+    VQA's, as they always did)."""
+    want = {"seed": 1, "num_train": 1500, "num_val": 300, "per_item": 2, "min_objects": 1,
+            "max_objects": 4, "max_count": 2, "annotators": 10, "annotator_accuracy": 0.9}
+    for task, gen in GEN.items():
+        assert gen.NAME == task and gen.DEFAULTS == want and set(gen.FIELDS) <= set(want)
+        spec = make_spec(gen, None)
+        assert spec == make_spec(gen, {"task": task}) == TaskSpec(task=task, **want)
+        assert spec.num_test is None
+        assert make_spec(gen, {"seed": 7, "num_val": 9}) == TaskSpec(
+            task=task, **dict(want, seed=7, num_val=9))
+    p = generate_task_dbs(ve, str(tmp_path / "ve"), _spec("ve"), WORLD)
+    with open(os.path.join(p["root"], "spec.json")) as f:
+        rec = json.load(f)
+    assert rec["version"] == ve.FORMAT_VERSION
+    assert list(rec["task"]) == ["task", *want]
+    assert rec["task"] == dict(want, task="ve", **SMALL["ve"])
+
+
+#: decoded digests (_db_digest) of the SMALL dbs, as written before the generators became
+#: one package: the data the README's fine-tuning figures were measured on come from this
+#: code, so a change here needs new figures (and the generator's FORMAT_VERSION bumped)
+GOLDEN = {"vqa": "2774b21968dc508d01f761e2c0b1b5db5df6e466",
+          "ve": "904755a612493054ea8c290753b649833053d6b5",
+          "nlvr2": "241fda640b2a2145fbca7ce9058f7da0f765534e"}
+
+
+@pytest.mark.parametrize("task", ["vqa", "ve", "nlvr2"])
+def test_generated_data_unchanged(task, tmp_path):
+    root = str(tmp_path / task)
+    generate_task_dbs(GEN[task], root, _spec(task), WORLD)
+    assert _db_digest(root) == GOLDEN[task]
