@@ -9,7 +9,7 @@ only collects ``tests/``).  Results are written as JSON when asked:
 
 The file is rewritten after every benchmark, so a run that is cut short keeps
 what it measured.  ``python benchmarks/report.py`` turns result files into
-plots and the README table.
+plots and the table of docs/performance.md.
 """
 import importlib.util
 import os

@@ -62,7 +62,7 @@ def default_pretrain_run(shared_cache):
     the fine-tuning targets were not all met: docs/tasks/vqa-ve-nlvr2.md)."""
     import json
 
-    from uniter_fast.training.finetune import TRAIN_LOG_FILE, ensure_synthetic_pretrain
+    from uniter_fast.training.synthetic_pretrain import TRAIN_LOG_FILE, ensure_synthetic_pretrain
     ds = os.path.join(ROOT, "ds.json")
     precision = "fp32"
     pt = ensure_synthetic_pretrain({}, ds, precision, cache_dir=shared_cache, progress=False)

@@ -42,7 +42,7 @@ def test_the_run_is_the_default_config(default_run):
 
 
 def _vocab_size(cfg):
-    from uniter_fast.training.pretrain import load_model_config
+    from uniter_fast.model.build import load_model_config
     return load_model_config(cfg).vocab_size
 
 

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import numpy as np
-import oracle_finetune2 as orc
+import oracle_itr_re_vcr as orc
 import pytest
 import torch
 import torch.distributed as dist

@@ -9,7 +9,7 @@ import math
 import lz4.frame
 import msgpack
 import numpy as np
-import oracle_finetune2 as orc
+import oracle_itr_re_vcr as orc
 import pytest
 import torch
 from test_data import _put_raw

@@ -1,9 +1,9 @@
 """Retrieval (ITR, hard negatives), referring-expression and VCR models (incl. the
 second-stage VCR pretraining model): state-dict layout vs the original's, strict loads after
 the init_* calls, outputs and losses vs an independent transcription
-(tests/oracle_finetune2.py), the scripts' loss reductions, hard-negative selection and RE
+(tests/oracle_itr_re_vcr.py), the scripts' loss reductions, hard-negative selection and RE
 negative sampling, input checks."""
-import oracle_finetune2 as orc
+import oracle_itr_re_vcr as orc
 import pytest
 import torch
 from batches import make_batch

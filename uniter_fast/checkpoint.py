@@ -562,3 +562,12 @@ def load_latest(engine, ckpt_dir: str) -> Tuple[Optional[str], Dict[str, Any]]:
     if tag is None:
         return None, {}
     return tag, load(engine, ckpt_dir, tag)
+
+
+def check_new_checkpoint_dir(ckpt_dir: str) -> None:
+    """Refuse to write a new checkpoint over an existing one (a tag directory without
+    ``latest`` included)."""
+    tags = list_tags(ckpt_dir)
+    if tags or os.path.exists(os.path.join(ckpt_dir, LATEST)):
+        raise ValueError(f"{ckpt_dir} already holds a checkpoint ({tags[:4]}); choose a new "
+                         "directory")

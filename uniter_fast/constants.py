@@ -44,3 +44,24 @@ TRITON_ATTENTION_MAX_HEAD_DIM = 128
 #: the signals that stop a training run with a checkpoint (uniter_fast.training.signals);
 #: DataLoader worker processes ignore them (the main process saves and ends them)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: width of UNITER's region features (the bottom-up-attention detector's pooled res5 output)
+IMG_DIM = 2048
+#: classes of that detector's soft labels (1600 Visual Genome classes + background)
+IMG_LABEL_DIM = 1601
+
+#: UNITER's ``utils/const.py`` BUCKET_SIZE: examples sorted by length together in the
+#: token-bucket sampler
+BUCKET_SIZE = 8192
+
+#: the training config's ``seed`` when it has none (UNITER's argparse default)
+DEFAULT_SEED = 42
+#: a training sampler's seed is ``seed + RANK_SEED_STRIDE * rank`` (disjoint orders per rank)
+RANK_SEED_STRIDE = 7919
+
+#: UNITER's box rule defaults (``conf_th``, ``max_bb``, ``min_bb``, ``num_bb``): regions of
+#: confidence >= conf_th, at least min_bb and at most max_bb of them (num_bb: a fixed count)
+DEFAULT_CONF_TH = 0.2
+DEFAULT_MAX_BB = 100
+DEFAULT_MIN_BB = 10
+DEFAULT_NUM_BB = 36

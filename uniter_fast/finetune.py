@@ -1,20 +1,19 @@
-"""UNITER fine-tuning (VQA, VE, NLVR2) under DeepSpeed.
+"""UNITER fine-tuning under DeepSpeed: the driver of every task of the registry
+(:mod:`uniter_fast.tasks`).
 
-    deepspeed uniter_fast/finetune.py --task {vqa,ve,nlvr2} --deepspeed_config ds.json
+    deepspeed uniter_fast/finetune.py --task TASK --deepspeed_config ds.json
 
 With no other argument this fine-tunes the tiny UNITER on the built-in
 synthetic version of the task (``configs/finetune-<task>-synthetic-tiny.json``),
 starting from a pretraining run on the synthetic captions that is made once on
 first use and cached under ``$UNITER_FAST_CACHE``.  ``--config`` takes the
-original UNITER's training configs (``config/train-vqa-base-4gpu.json``,
-``train-ve-base-2gpu.json``, ``train-nlvr2-base-1gpu.json``) with their paths
-changed; overrides (``--num_train_steps``, ``--output_dir``, ``--lr_mul``,
-``--resume``, ...) as for ``train.py``.
+original UNITER's training configs (``config/train-vqa-base-4gpu.json``, ...) with
+their paths changed; overrides (``--num_train_steps``, ``--output_dir``,
+``--lr_mul``, ``--resume``, ...) as for ``train.py``.
 
 Outputs in ``output_dir``: ``ckpt/`` (DeepSpeed checkpoints, ``latest``
-written atomically; VQA also ``ans2label.json``), ``metrics.jsonl``,
-``results/`` (the validation predictions of every validation, in the original's
-formats), ``train_config.json`` / ``ds_config.json``.
+written atomically), ``metrics.jsonl``, the validation predictions in the
+original's formats, ``train_config.json`` / ``ds_config.json``.
 """
 from __future__ import annotations
 
@@ -29,14 +28,9 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+from uniter_fast.tasks import task_from_argv, task_names
+from uniter_fast.tasks.base import CLI_OVERRIDES, DESCRIPTION, default_config
 from uniter_fast.training import Trainer, build_arg_parser
-from uniter_fast.training.finetune import (
-    CLI_OVERRIDES,
-    DESCRIPTION,
-    TASK_NAMES,
-    default_config,
-    make_task,
-)
 
 __all__ = ["main", "build_parser"]
 
@@ -44,19 +38,14 @@ __all__ = ["main", "build_parser"]
 def build_parser(task: str = None) -> argparse.ArgumentParser:
     """The command line of ``finetune.py``; ``--config`` defaults to the task's synthetic one."""
     p = build_arg_parser(DESCRIPTION, default_config(task) if task else None, CLI_OVERRIDES)
-    p.add_argument("--task", choices=TASK_NAMES, required=True, help="the downstream task")
+    p.add_argument("--task", choices=task_names(), required=True, help="the downstream task")
     return p
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=TASK_NAMES)
-    known, _ = pre.parse_known_args(argv)
-    if known.task is None:              # let the full parser print usage / --help
-        build_parser().parse_args(argv)
-        raise SystemExit(2)
-    return Trainer(make_task(known.task), default_config(known.task), DESCRIPTION,
-                   parser=build_parser(known.task)).run(argv)
+    task = task_from_argv(argv, build_parser)
+    return Trainer(task, default_config(task.name), DESCRIPTION,
+                   parser=build_parser(task.name)).run(argv)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,13 @@ if __package__ in (None, ""):
 
 # The implementation lives in uniter_fast.training (shared with fine-tuning); these
 # names stay importable from here for scripts written against earlier versions.
+from uniter_fast.constants import IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data import text_meta
 from uniter_fast.training import build_arg_parser as _build_arg_parser
 from uniter_fast.training import init_distributed, load_configs, param_groups
 from uniter_fast.training.pretrain import (
     DEFAULT_CONFIG,
     DESCRIPTION,
-    IMG_DIM,
-    IMG_LABEL_DIM,
     build_model,
     compute_loss,
     main,

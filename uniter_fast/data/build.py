@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
+from ..constants import BUCKET_SIZE
 from .collate import collate_fn_for
 from .datasets import build_dataset
-from .db import DetectFeatLmdb, TxtTokLmdb
+from .db import DetectFeatLmdb, TxtTokLmdb, open_img_db
 from .loader import ConcatDatasetWithLens, MetaLoader, TaskLoader
-from .sampler import TokenBucketSampler
+from .sampler import TokenBucketSampler, config_seed, rank_seed
 from .synthetic import SyntheticSpec, ensure_synthetic
 
 __all__ = ["resolve_path", "create_train_loader", "create_val_loaders", "text_meta",
@@ -66,10 +67,8 @@ class _ImgDbGroup:
 
     def __getitem__(self, path: str) -> DetectFeatLmdb:
         if path not in self.dbs:
-            c = self.cfg
-            self.dbs[path] = DetectFeatLmdb(path, c.get("conf_th", 0.2), c.get("max_bb", 100),
-                                            c.get("min_bb", 10), c.get("num_bb", 36),
-                                            c.get("compressed_db", True), c.get("img_dim"))
+            self.dbs[path] = open_img_db(path, dict(self.cfg, compressed_db=self.cfg.get(
+                "compressed_db", True)))
         return self.dbs[path]
 
 
@@ -110,7 +109,7 @@ def _dataset(task: str, d: Dict[str, Any], cfg, imgs: _ImgDbGroup, rank: int, wo
         parts.append(build_dataset(task, txt_db, imgs[resolve_path(img, cfg)],
                                    mrm_prob=cfg.get("mrm_prob", 0.15),
                                    itm_neg_prob=cfg.get("itm_neg_prob", 0.5),
-                                   rank=rank, world_size=world, seed=cfg.get("seed", 42),
+                                   rank=rank, world_size=world, seed=config_seed(cfg),
                                    masking=masking))
     return parts[0] if len(parts) == 1 else ConcatDatasetWithLens(parts)
 
@@ -119,7 +118,7 @@ def create_train_loader(cfg: Dict[str, Any], rank: int = 0, world_size: int = 1,
                         accum_steps: int = 1) -> MetaLoader:
     imgs = _ImgDbGroup(cfg)
     loaders: Dict[str, Tuple[TaskLoader, int]] = {}
-    seed = int(cfg.get("seed", 42))
+    seed = config_seed(cfg)
     for d in cfg["train_datasets"]:
         _check_entry(d, True)
         for t, ratio in zip(d["tasks"], d["mix_ratio"]):
@@ -129,8 +128,8 @@ def create_train_loader(cfg: Dict[str, Any], rank: int = 0, world_size: int = 1,
             # always sees the other modality intact
             ds = _dataset(task, d, cfg, imgs, rank, world_size, cfg.get("max_txt_len", 60),
                           cfg.get("masking", "conditional"))
-            sampler = TokenBucketSampler(cfg.get("bucket_size", 8192), cfg["train_batch_size"],
-                                         droplast=True, seed=seed + 7919 * rank)
+            sampler = TokenBucketSampler(cfg.get("bucket_size", BUCKET_SIZE), cfg["train_batch_size"],
+                                         droplast=True, seed=rank_seed(cfg, rank))
             loaders[name] = (TaskLoader(ds, collate_fn_for(task, cfg.get("itm_ot_lambda", 0.0)),
                                         sampler, cfg.get("n_workers", 0),
                                         cfg.get("pin_mem", False)), ratio)
@@ -148,9 +147,9 @@ def create_val_loaders(cfg: Dict[str, Any], rank: int = 0, world_size: int = 1
         for t in d["tasks"]:
             task = task_of(t)
             ds = _dataset(task, d, cfg, imgs, rank, world_size, -1)
-            sampler = TokenBucketSampler(cfg.get("bucket_size", 8192),
+            sampler = TokenBucketSampler(cfg.get("bucket_size", BUCKET_SIZE),
                                          cfg.get("val_batch_size", cfg["train_batch_size"]),
-                                         droplast=False, seed=int(cfg.get("seed", 42)))
+                                         droplast=False, seed=config_seed(cfg))
             out[f"{t}_{d['name']}"] = TaskLoader(ds, collate_fn_for(task,
                                                  cfg.get("itm_ot_lambda", 0.0)), sampler)
     return out

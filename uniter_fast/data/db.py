@@ -33,8 +33,10 @@ import numpy as np
 from lz4.frame import compress as lz4_compress
 from lz4.frame import decompress as lz4_decompress
 
+from ..constants import DEFAULT_CONF_TH, DEFAULT_MAX_BB, DEFAULT_MIN_BB, DEFAULT_NUM_BB
+
 __all__ = ["DbError", "compute_num_bb", "TxtTokLmdb", "DetectFeatLmdb", "write_txt_db",
-           "write_img_db", "img_db_name", "nbb_file_name"]
+           "write_img_db", "img_db_name", "nbb_file_name", "open_img_db"]
 
 _MAP_SIZE = 1 << 34   # 16 GiB of address space (sparse; grows only as written)
 
@@ -213,8 +215,10 @@ class DetectFeatLmdb:
     process runs is read afresh (box counts included).
     """
 
-    def __init__(self, img_dir: str, conf_th: float = 0.2, max_bb: int = 100, min_bb: int = 10,
-                 num_bb: int = 36, compress: bool = True, img_dim: Optional[int] = None,
+    def __init__(self, img_dir: str, conf_th: float = DEFAULT_CONF_TH,
+                 max_bb: int = DEFAULT_MAX_BB, min_bb: int = DEFAULT_MIN_BB,
+                 num_bb: int = DEFAULT_NUM_BB, compress: bool = True,
+                 img_dim: Optional[int] = None,
                  cache_mb: float = 256.0):
         self.img_dir = os.path.normpath(img_dir)
         # decoded, validated records (LRU, bounded by bytes; per process)
@@ -443,3 +447,20 @@ def write_img_db(img_dir: str, dumps: Dict[str, Dict[str, np.ndarray]], conf_th:
     if conf_th != -1:
         _atomic_json(os.path.join(img_dir, nbb_file_name(conf_th, max_bb, min_bb)), name2nbb)
     return name2nbb
+
+
+def open_img_db(path: str, cfg: Dict[str, Any], conf_th: Optional[float] = None,
+                num_bb: Optional[int] = None) -> "DetectFeatLmdb":
+    """The image db at ``path`` with a training config's box rule (``conf_th``, ``max_bb``,
+    ``min_bb``, ``num_bb``; UNITER's defaults where absent; ``conf_th``/``num_bb`` given
+    here win, e.g. ``-1, 100`` for a ground-truth-box db) and ``img_dim``.
+    ``compressed_db`` absent means whichever layout the directory holds (compressed first)."""
+    conf_th = cfg.get("conf_th", DEFAULT_CONF_TH) if conf_th is None else conf_th
+    num_bb = cfg.get("num_bb", DEFAULT_NUM_BB) if num_bb is None else num_bb
+    max_bb, min_bb = cfg.get("max_bb", DEFAULT_MAX_BB), cfg.get("min_bb", DEFAULT_MIN_BB)
+    compress = cfg.get("compressed_db")
+    if compress is None:
+        compress = os.path.isdir(os.path.join(path, img_db_name(conf_th, max_bb, min_bb, num_bb,
+                                                                True)))
+    return DetectFeatLmdb(path, conf_th, max_bb, min_bb, num_bb, bool(compress),
+                          cfg.get("img_dim"))

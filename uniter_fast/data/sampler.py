@@ -8,9 +8,21 @@ included); the batches are then shuffled.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence
 
-__all__ = ["TokenBucketSampler"]
+from ..constants import DEFAULT_SEED, RANK_SEED_STRIDE
+
+__all__ = ["TokenBucketSampler", "ExampleSampler", "config_seed", "rank_seed"]
+
+
+def config_seed(cfg: Dict[str, Any]) -> int:
+    """The training config's ``seed`` (UNITER's default where absent)."""
+    return int(cfg.get("seed", DEFAULT_SEED))
+
+
+def rank_seed(cfg: Dict[str, Any], rank: int) -> int:
+    """Seed of rank ``rank``'s training sampler: a different order on every rank."""
+    return config_seed(cfg) + RANK_SEED_STRIDE * int(rank)
 
 
 class TokenBucketSampler:
@@ -51,4 +63,26 @@ class TokenBucketSampler:
             if cur and not self.droplast:
                 out.append(cur)
         rng.shuffle(out)
+        return out
+
+
+class ExampleSampler:
+    """Batches of ``batch_size`` *examples* (the originals' ``DataLoader(batch_size=...)``),
+    shuffled by ``(seed, epoch)`` when ``shuffle``; the interface of
+    :class:`TokenBucketSampler`."""
+
+    def __init__(self, batch_size: int, droplast: bool = False, shuffle: bool = True,
+                 seed: int = 0):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch size must be >= 1 examples, got {batch_size}")
+        self.max_tok = self.batch_size = int(batch_size)
+        self.droplast, self.shuffle, self.seed = bool(droplast), bool(shuffle), int(seed)
+
+    def batches(self, lens: Sequence[int], epoch: int) -> List[List[int]]:
+        ids = list(range(len(lens)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + int(epoch)).shuffle(ids)
+        out = [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        if self.droplast and out and len(out[-1]) < self.batch_size:
+            out.pop()
         return out

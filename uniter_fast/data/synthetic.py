@@ -60,13 +60,13 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .db import write_img_db, write_txt_db
 
-__all__ = ["SyntheticSpec", "Scene", "SceneObject", "Caption", "ensure_synthetic",
+__all__ = ["SyntheticSpec", "Scene", "SceneObject", "Caption", "ensure_synthetic", "build_cached_dir",
            "generate_synthetic", "cache_root", "class_prototypes", "draw_scene", "draw_scenes",
            "write_scenes", "describe", "build_vocab", "cell_name", "text_db_meta",
            "SPECIAL_TOKENS", "TEMPLATE_WORDS", "CLASS_NAMES", "CELL_NAMES", "FORMAT_VERSION"]
@@ -377,6 +377,29 @@ def generate_synthetic(out_dir: str, spec: SyntheticSpec) -> Dict[str, str]:
             "val": os.path.join(out_dir, "txt_val.db")}
 
 
+def build_cached_dir(final: str, done: str, build: Callable[[str], None]) -> None:
+    """Make the cache directory ``final`` once: ``build(tmp)`` fills a temporary directory
+    beside it, which is then renamed into place, so ``final`` is complete or absent (a
+    concurrent builder that got there first wins).  ``done`` (a file inside ``final``)
+    marks it complete; if it exists nothing is built.  The temporary directory is removed
+    whatever happens."""
+    if os.path.exists(done):
+        return
+    root = os.path.dirname(final)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-tmp-", dir=root)
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(done):   # not a concurrent winner: a real failure
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_synthetic(spec: Optional[SyntheticSpec] = None, cache_dir: Optional[str] = None
                      ) -> Dict[str, Any]:
     """Path dict ``{"root", "img", "train", "val", "spec"}`` of the synthetic dbs,
@@ -386,19 +409,7 @@ def ensure_synthetic(spec: Optional[SyntheticSpec] = None, cache_dir: Optional[s
     root = cache_dir or cache_root()
     final = os.path.join(root, f"synthetic-{spec.key()}")
     done = os.path.join(final, "spec.json")
-    if not os.path.exists(done):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=root)
-        try:
-            generate_synthetic(tmp, spec)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(done):   # not a concurrent winner: a real failure
-                    raise
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+    build_cached_dir(final, done, lambda tmp: generate_synthetic(tmp, spec))
     return {"root": final, "img": os.path.join(final, "img"),
             "train": os.path.join(final, "txt_train.db"),
             "val": os.path.join(final, "txt_val.db"), "spec": spec}

@@ -14,7 +14,11 @@ validation metric and result writer.
 * :mod:`.metrics` -- ``metrics.jsonl`` writer, running means, progress bar;
 * :mod:`.task` -- the interface a task implements;
 * :mod:`.loop` -- the trainer;
-* :mod:`.pretrain` -- UNITER pretraining (mlm, mrfr, mrc, mrc-kl, itm + WRA).
+* :mod:`.pretrain` -- UNITER pretraining (mlm, mrfr, mrc, mrc-kl, itm + WRA);
+* :mod:`.synthetic_pretrain` -- the one-time cached pretraining run fine-tuning starts
+  from on the synthetic data.
+
+The fine-tuning tasks are :mod:`uniter_fast.tasks` (one module each, above this package).
 """
 from .config import OVERRIDES, build_arg_parser, load_configs, read_json
 from .distributed import init_distributed

@@ -242,3 +242,16 @@ def load_configs(args, required: Sequence[str] = ("output_dir", "num_train_steps
     ds = read_json(ds_path, "DeepSpeed config")
     check_unknown_keys(ds, DEEPSPEED_KEYS, f"DeepSpeed config {ds_path}", strict)
     return cfg, apply_deepspeed_overrides(cfg, ds, args)
+
+
+def from_pt_argv(ckpt_dir: str, config: Optional[str] = None,
+                 deepspeed_config: Optional[str] = None) -> List[str]:
+    """The command line of a one-step run whose output directory holds ``ckpt_dir``: how
+    ``export from-pt`` builds the model and engine exactly as training would."""
+    argv = ["--output_dir", os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))),
+            "--num_train_steps", "1"]
+    if config:
+        argv += ["--config", config]
+    if deepspeed_config:
+        argv += ["--deepspeed_config", deepspeed_config]
+    return argv

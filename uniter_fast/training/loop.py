@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_lib
 from ..data import move_to_device
+from ..data.sampler import config_seed
 from .config import (
     PRECISIONS,
     apply_precision,
@@ -98,7 +99,7 @@ class Trainer:
         barrier()
         if self.rank == 0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-        self.seed = int(cfg.get("seed", 42))
+        self.seed = config_seed(cfg)
         set_seed(self.seed + self.rank)
 
         # data: rank 0 first (one-time generation of synthetic dbs), then everyone

@@ -7,18 +7,19 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import CONFIG_DIR, UniterConfig, config_path
+from ..config import CONFIG_DIR
+from ..constants import IMG_DIM, IMG_LABEL_DIM
 from ..data import create_train_loader, create_val_loaders, task_of, text_meta
+from ..model.build import check_text_fits, load_model_config, set_dropout
 from .loop import Trainer
 from .pretrain_eval import format_summary, summary_rows, validate_pretrain, wra_loader
 from .task import TrainTask
 
-__all__ = ["DESCRIPTION", "DEFAULT_CONFIG", "IMG_DIM", "IMG_LABEL_DIM", "PretrainTask", "build_model",
-           "compute_loss", "load_model_config", "main", "validate_pretrain"]
+__all__ = ["DESCRIPTION", "DEFAULT_CONFIG", "PretrainTask", "build_model", "compute_loss", "main",
+           "validate_pretrain"]
 
 DESCRIPTION = "UNITER pretraining under DeepSpeed."
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "pretrain-synthetic-tiny.json")
-IMG_DIM, IMG_LABEL_DIM = 2048, 1601   # UNITER's constants (real BUTD features)
 
 # every top-level key of UNITER's pretraining configs and pretrain.py options (read or
 # accepted for compatibility: fp16/optim/rank are replaced by ds.json and the launcher)
@@ -32,32 +33,6 @@ PRETRAIN_KEYS = frozenset({
     "train_datasets", "val_datasets",
     "img_dim", "img_label_dim", "bucket_size", "save_steps", "log_steps",
     "keep_checkpoints", "synthetic", "masking"})
-
-
-def load_model_config(cfg: Dict[str, Any]) -> UniterConfig:
-    """The training config's ``model_config``: a JSON path or a packaged name."""
-    mc = cfg["model_config"]
-    if not os.path.exists(mc):
-        mc = config_path(mc)
-    return UniterConfig(mc)
-
-
-def set_dropout(model: torch.nn.Module, p: Optional[float]) -> None:
-    """The training config's ``dropout`` on every dropout layer (None: keep the model's)."""
-    if p is None:
-        return
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = float(p)
-
-
-def check_text_fits(config: UniterConfig, meta: Dict[str, Any], cfg: Dict[str, Any]) -> None:
-    if meta.get("v_range") and meta["v_range"][1] > config.vocab_size:
-        raise ValueError(f"text db vocabulary (v_range {meta['v_range']}) exceeds the model's "
-                         f"vocab_size {config.vocab_size}")
-    if cfg.get("max_txt_len", 60) + 2 > config.max_position_embeddings:
-        raise ValueError(f"max_txt_len {cfg.get('max_txt_len', 60)} + 2 exceeds "
-                         f"max_position_embeddings {config.max_position_embeddings}")
 
 
 def build_model(cfg: Dict[str, Any], meta: Dict[str, Any]):
@@ -127,7 +102,7 @@ class PretrainTask(TrainTask):
 
     def end_of_run(self, engine, ctx, summary):
         """Each objective's last validation metric beside its baseline (and, on the
-        synthetic data, the README's target): in the summary and printed on rank 0."""
+        synthetic data, the target of docs/pretraining.md): in the summary and printed on rank 0."""
         synthetic = any(db.startswith("synthetic:") for d in ctx.cfg.get("val_datasets") or []
                         for db in d.get("db", []))
         rows = summary_rows(summary.get("validation") or {}, with_targets=synthetic)
@@ -139,3 +114,40 @@ class PretrainTask(TrainTask):
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return Trainer(PretrainTask(), DEFAULT_CONFIG, DESCRIPTION).run(argv)
+
+
+def checkpoint_from_state_dict(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
+                               deepspeed_config: Optional[str] = None) -> str:
+    """A world-size-1 DeepSpeed checkpoint (tag ``global_step0``) of the pretraining model
+    holding the weights of ``pt_path`` (every key must match; the tied weights may be
+    missing), built as ``train.py`` builds it from ``config`` (default: the packaged
+    default); continue it with ``train.py --resume`` at world size 1."""
+    from .. import checkpoint as ckpt_lib
+    from ..export import check_keys, fill_tied_weights, load_state_dict_file
+    from .config import build_arg_parser, fp32_if_bf16_emulated, from_pt_argv, load_configs
+    from .distributed import init_distributed
+    from .engine import create_engine, param_groups
+    targs = build_arg_parser(DESCRIPTION, DEFAULT_CONFIG).parse_args(
+        from_pt_argv(ckpt_dir, config, deepspeed_config))
+    cfg, ds = load_configs(targs)
+    # the precision a new run would train in (fp32 where bf16 would be emulated)
+    fp32_if_bf16_emulated(ds, targs, "export")
+    cfg["checkpoint"] = None
+    ckpt_lib.check_new_checkpoint_dir(ckpt_dir)
+    init_distributed()
+    import torch.distributed as dist
+    if dist.get_world_size() != 1:
+        raise ValueError("from-pt runs in a single process")
+    model = build_model(cfg, text_meta(cfg))
+    sd = fill_tied_weights(load_state_dict_file(pt_path))
+    check_keys(model, sd, f"the weights of {pt_path}")
+    model.load_state_dict(sd, strict=True)
+    wd = ds.get("optimizer", {}).get("params", {}).get("weight_decay", 0.01)
+    groups = param_groups(model, wd)
+    names = ckpt_lib.param_group_names(model, groups)
+    engine = create_engine(model, groups, ds)
+    settings = ckpt_lib.run_settings(engine, 1)
+    return ckpt_lib.save(engine, ckpt_dir, 0, {"global_step": 0, "data": None, "rng": None,
+                                               "settings": settings,
+                                               "param_group_names": names},
+                         settings=settings)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..constants import BUCKET_SIZE
 from ..data import TaskLoader, TokenBucketSampler, itm_ot_collate, task_of
 from ..data.datasets import DetectFeatTxtTokDataset
+from ..data.sampler import config_seed
 from ..reference.ot import cost_matrix_cosine
 from .task import RunContext
 from .validation import reduce_sums, val_batches
@@ -40,10 +42,10 @@ from .validation import reduce_sums, val_batches
 __all__ = ["WraEvalDataset", "wra_collate", "wra_loader", "validate_pretrain", "summary_rows",
            "format_summary", "TARGETS"]
 
-# The default run's targets on the synthetic data (README, "What each objective learns"):
+# The default run's targets on the synthetic data (docs/pretraining.md, "What each objective learns"):
 # (label, metric, baseline metric or None, rule, threshold); rule "min": metric >= threshold,
 # "ratio_max": metric <= threshold x baseline, "report": shown beside its baseline, no target
-# (the WRA plan's word-level alignment is not reliable on the tiny model: README).
+# (the WRA plan's word-level alignment is not reliable on the tiny model: docs/pretraining.md).
 TARGETS: Tuple[Tuple[str, str, Optional[str], str, float], ...] = (
     ("ITM", "itm/acc", "itm/acc_majority", "min", 0.9),
     ("MLM (object words)", "mlm/obj_acc", "mlm/obj_acc_chance", "min", 0.8),
@@ -138,9 +140,9 @@ def wra_loader(itm_loader: TaskLoader, cfg: Dict[str, Any]) -> TaskLoader:
                          f"{len(parts)}")
     d = parts[0]
     wds = WraEvalDataset(d.txt_db, d.img_db, rank=d.rank, world_size=d.world_size, seed=d.seed)
-    sampler = TokenBucketSampler(cfg.get("bucket_size", 8192),
+    sampler = TokenBucketSampler(cfg.get("bucket_size", BUCKET_SIZE),
                                  cfg.get("val_batch_size", cfg["train_batch_size"]),
-                                 droplast=False, seed=int(cfg.get("seed", 42)))
+                                 droplast=False, seed=config_seed(cfg))
     return TaskLoader(wds, wra_collate, sampler)
 
 

@@ -31,8 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,6 +41,7 @@ from ..synthetic import FORMAT_VERSION as WORLD_FORMAT_VERSION
 from ..synthetic import (
     Scene,
     SyntheticSpec,
+    build_cached_dir,
     build_vocab,
     cache_root,
     class_prototypes,
@@ -153,22 +152,9 @@ def ensure_task_dbs(generator, spec: TaskSpec, world: SyntheticSpec,
     temp dir, then rename)."""
     _check(generator, spec, world)
     root = cache_dir or cache_root()
-    name = generator.NAME
-    final = os.path.join(root, f"synthetic-{name}-{spec.key(world, generator)}")
+    final = os.path.join(root, f"synthetic-{generator.NAME}-{spec.key(world, generator)}")
     done = os.path.join(final, "spec.json")
-    if not os.path.exists(done):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".synthetic-{name}-tmp-", dir=root)
-        try:
-            generate_task_dbs(generator, tmp, spec, world)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(done):   # not a concurrent winner: a real failure
-                    raise
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+    build_cached_dir(final, done, lambda tmp: generate_task_dbs(generator, tmp, spec, world))
     return {"root": final, **part_paths(generator.PATHS, final)}
 
 
@@ -241,6 +227,25 @@ def _gt_dump(scene: Scene) -> Dict[str, np.ndarray]:
 def _counts(spec: TaskSpec, splits: Sequence[str] = SPLITS) -> Dict[str, int]:
     """``{split: size}`` of ``splits`` (``num_<split>`` of the spec)."""
     return {s: getattr(spec, f"num_{s}") for s in splits}
+
+
+def generate_train_val(out_dir: str, spec: TaskSpec, world: SyntheticSpec, generator,
+                       gen_split: Callable) -> Dict[str, str]:
+    """Write ``img/``, ``txt_train.db/``, ``txt_val.db/`` under ``out_dir`` for a generator
+    whose ``gen_split(rng, spec, world, protos, tok, split, n_items)`` draws one split's
+    ``(scenes, text records)`` (VQA, VE, NLVR2): the splits drawn in order from the
+    generator's stream, then written through the real db writers."""
+    protos, rng = start(spec, world, generator.RNG_STREAM)
+    words = generator.vocab(world)
+    tok = {w: i for i, w in enumerate(words)}
+    scenes: Dict[str, Scene] = {}
+    txt: Dict[str, Dict[str, Any]] = {}
+    for split, n in (("train", spec.num_train), ("val", spec.num_val)):
+        sc, recs = gen_split(rng, spec, world, protos, tok, split, n)
+        scenes.update(sc)
+        txt[split] = recs
+    _write_image_text_dbs(out_dir, scenes, txt, task_meta(words, world, generator.NAME), world)
+    return part_paths(generator.PATHS, out_dir)
 
 
 def _write_image_text_dbs(out_dir: str, scenes: Dict[str, Scene],

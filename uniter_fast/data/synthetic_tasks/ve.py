@@ -13,8 +13,9 @@ generated validation split (what a model that ignores the image can reach).
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 from ..synthetic import CELL_NAMES, CLASS_NAMES, Scene, SyntheticSpec
 from .base import (
@@ -26,11 +27,8 @@ from .base import (
     _label_baselines,
     _n_obj,
     _records,
-    _write_image_text_dbs,
     check_common,
-    part_paths,
-    start,
-    task_meta,
+    generate_train_val,
     task_vocab,
 )
 
@@ -108,17 +106,7 @@ def _gen_split(rng, spec, world, protos, tok, split, n_img):
 
 def generate(out_dir: str, spec: TaskSpec, world: SyntheticSpec) -> Dict[str, str]:
     """Write ``img/``, ``txt_train.db/``, ``txt_val.db/`` under ``out_dir``."""
-    protos, rng = start(spec, world, RNG_STREAM)
-    words = vocab(world)
-    tok = {w: i for i, w in enumerate(words)}
-    scenes: Dict[str, Scene] = {}
-    txt: Dict[str, Dict[str, Any]] = {}
-    for split, n in (("train", spec.num_train), ("val", spec.num_val)):
-        sc, recs = _gen_split(rng, spec, world, protos, tok, split, n)
-        scenes.update(sc)
-        txt[split] = recs
-    _write_image_text_dbs(out_dir, scenes, txt, task_meta(words, world, NAME), world)
-    return part_paths(PATHS, out_dir)
+    return generate_train_val(out_dir, spec, world, sys.modules[__name__], _gen_split)
 
 
 def baselines(train_db: str, val_db: str) -> Dict[str, float]:

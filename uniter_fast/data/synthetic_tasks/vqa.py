@@ -17,6 +17,7 @@ validation split (what a model that ignores the image can reach).
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Tuple
 
@@ -30,11 +31,8 @@ from .base import (
     _kept_scene,
     _records,
     _text_key,
-    _write_image_text_dbs,
     check_common,
-    part_paths,
-    start,
-    task_meta,
+    generate_train_val,
     task_vocab,
 )
 
@@ -155,19 +153,12 @@ def _gen_split(rng, spec, world, protos, tok, split, n_img, first_qid, ans2label
 
 def generate(out_dir: str, spec: TaskSpec, world: SyntheticSpec) -> Dict[str, str]:
     """Write ``img/``, ``txt_train.db/``, ``txt_val.db/`` under ``out_dir``."""
-    protos, rng = start(spec, world, RNG_STREAM)
-    words = vocab(world)
-    tok = {w: i for i, w in enumerate(words)}
     ans2label = load_ans2label()
-    scenes: Dict[str, Scene] = {}
-    txt: Dict[str, Dict[str, Any]] = {}
-    for split, n in (("train", spec.num_train), ("val", spec.num_val)):
-        first = (1 if split == "train" else 2) * 10_000_000
-        sc, recs = _gen_split(rng, spec, world, protos, tok, split, n, first, ans2label)
-        scenes.update(sc)
-        txt[split] = recs
-    _write_image_text_dbs(out_dir, scenes, txt, task_meta(words, world, NAME), world)
-    return part_paths(PATHS, out_dir)
+
+    def gen_split(rng, spec, world, protos, tok, split, n):
+        first = (1 if split == "train" else 2) * 10_000_000     # question ids
+        return _gen_split(rng, spec, world, protos, tok, split, n, first, ans2label)
+    return generate_train_val(out_dir, spec, world, sys.modules[__name__], gen_split)
 
 
 def baselines(train_db: str, val_db: str) -> Dict[str, float]:

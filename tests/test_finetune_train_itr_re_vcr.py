@@ -1,10 +1,10 @@
-"""Part-2 fine-tuning commands end to end: ``finetune.py --task {itm,itm-hn,re,vcr}`` on the
+"""Retrieval, RE and VCR fine-tuning commands end to end: ``finetune.py --task {itm,itm-hn,re,vcr}`` on the
 synthetic defaults (shortened), measured against chance, and ``python -m uniter_fast.infer``
 on the runs' checkpoints writing the original's result files (checked against the files'
 own contents and the trainer's numbers).
 
-Starts from the cached synthetic pretraining run (shared with the part-1 tests through the
-same ``UNITER_FAST_CACHE``: one pretraining run per session)."""
+Starts from the cached synthetic pretraining run (shared with the VQA/VE/NLVR2 tests through
+the same ``UNITER_FAST_CACHE``: one pretraining run per session)."""
 import csv
 import json
 import os
@@ -25,7 +25,7 @@ def _export_round_trip(task, out, tmp_path, env):
     """to-pt writes exactly the original's keys and shapes (independent layout), the plain
     dict loads strictly, and from-pt builds a DeepSpeed checkpoint of the same weights."""
     import torch
-    from oracle_finetune2 import layout
+    from oracle_itr_re_vcr import layout
 
     from uniter_fast.config import config_path
     from uniter_fast.model.model import UniterConfig
@@ -36,10 +36,10 @@ def _export_round_trip(task, out, tmp_path, env):
     ucfg = UniterConfig.from_json_file(config_path("uniter-tiny"))
     want = layout(task, ucfg, 2048)
     assert sorted((k, tuple(v.shape)) for k, v in sd.items()) == sorted(want)
-    from uniter_fast.training.finetune2 import build_part2_model
+    from uniter_fast.tasks import get_task
     with open(os.path.join(out, "train_config.json")) as f:
         cfg = json.load(f)
-    build_part2_model(task, dict(cfg, checkpoint_from="pretrain"), None).load_state_dict(
+    get_task(task).make_model(dict(cfg, checkpoint_from="pretrain")).load_state_dict(
         sd, strict=True)
     back = str(tmp_path / "back" / "ckpt")
     _run(["-m", "uniter_fast.export", "from-pt", pt, back, "--task", task, "--config",
@@ -136,16 +136,17 @@ def test_retrieval_learns_and_infers(env, tmp_path, task):
 
 
 def test_zero_shot_retrieval_from_the_pretraining_checkpoint(env, tmp_path):
-    from uniter_fast.training.finetune import default_config, ensure_synthetic_pretrain
-    from uniter_fast.training.finetune2 import resolve_synthetic2
+    from uniter_fast.tasks import get_task
+    from uniter_fast.tasks.base import default_config, resolve_synthetic
+    from uniter_fast.training.synthetic_pretrain import ensure_synthetic_pretrain
     with open(default_config("itm")) as f:
         cfg = json.load(f)
     old = os.environ.get("UNITER_FAST_CACHE")
     os.environ["UNITER_FAST_CACHE"] = env["UNITER_FAST_CACHE"]
     try:
         pt = ensure_synthetic_pretrain(cfg, DS, "fp32", progress=False)
-        txt = resolve_synthetic2("synthetic-itm:val", "itm", cfg)
-        img = resolve_synthetic2("synthetic-itm:img", "itm", cfg)
+        txt = resolve_synthetic("synthetic-itm:val", get_task("itm"), cfg)
+        img = resolve_synthetic("synthetic-itm:img", get_task("itm"), cfg)
     finally:
         if old is None:
             os.environ.pop("UNITER_FAST_CACHE")
@@ -199,7 +200,7 @@ def test_re_learns_and_infers(env, tmp_path):
 
 def test_vcr_learns_and_writes_the_leaderboard_csv(env, tmp_path):
     out = str(tmp_path / "run")
-    from uniter_fast.data.synthetic_tasks2 import vcr_baselines
+    from uniter_fast.data.synthetic_tasks.vcr import vcr_baselines
     cfg, val, end = _train("vcr", env, out)
     print("vcr baselines", vcr_baselines(cfg["val_txt_db"]))
     _check_targets("vcr", val, end)

@@ -1,9 +1,9 @@
 """Fine-tuning models (VQA, VE, NLVR2 paired / triplet / paired-attn): state-dict layout
 vs the original's, strict loads, outputs and losses vs an independent transcription
-(tests/oracle_finetune.py), loss reductions, fp16 state dicts, input checks."""
+(tests/oracle_vqa_ve_nlvr2.py), loss reductions, fp16 state dicts, input checks."""
 import os
 
-import oracle_finetune as orc
+import oracle_vqa_ve_nlvr2 as orc
 import pytest
 import torch
 from batches import make_batch

@@ -1,13 +1,16 @@
-"""Part-2 fine-tuning configs: the original configs' keys are known, the shipped synthetic
-configs only use known keys, a typo is reported with the nearest key, and the tasks are
-reachable from finetune.py / infer.py."""
+"""Retrieval, RE and VCR fine-tuning configs: the original configs' keys are known, the
+shipped synthetic configs only use known keys, a typo is reported with the nearest key, and
+the tasks are reachable from finetune.py / infer.py."""
 import json
 
 import pytest
 
 from uniter_fast.config import CONFIG_DIR
+from uniter_fast.tasks import get_task, task_names
+from uniter_fast.tasks.base import default_config
 from uniter_fast.training.config import OVERRIDES, TRAINER_KEYS, check_unknown_keys
-from uniter_fast.training.finetune import PART2_TASK_NAMES, TASK_NAMES, default_config, make_task
+
+ITR_RE_VCR = ("itm", "itm-hn", "re", "vcr")
 
 # top-level keys of the original UNITER configs (config/*.json of ChenRocks/UNITER), as data
 ORIGINAL_CONFIG_KEYS = {
@@ -43,22 +46,22 @@ ORIGINAL_ARGS = {"re": ["train_loss", "margin", "hard_ratio", "mlp"], "itm": [],
 
 
 def _known(task):
-    return set(make_task(task).known_keys) | TRAINER_KEYS | {o[0] for o in OVERRIDES}
+    return set(get_task(task).known_keys) | TRAINER_KEYS | {o[0] for o in OVERRIDES}
 
 
-def test_part2_tasks_are_registered():
-    assert set(PART2_TASK_NAMES) == {"itm", "itm-hn", "re", "vcr"} <= set(TASK_NAMES)
-    for t in PART2_TASK_NAMES:
-        assert make_task(t).name == t
+def test_itr_re_vcr_tasks_are_registered():
+    assert set(ITR_RE_VCR) <= set(task_names())
+    for t in ITR_RE_VCR:
+        assert get_task(t).name == t
 
 
-@pytest.mark.parametrize("task", PART2_TASK_NAMES)
+@pytest.mark.parametrize("task", ITR_RE_VCR)
 def test_original_keys_known(task):
     cfg = dict.fromkeys(ORIGINAL_CONFIG_KEYS[task] + ORIGINAL_ARGS[task], 0)
     assert check_unknown_keys(cfg, _known(task), "cfg", strict=True) == []
 
 
-@pytest.mark.parametrize("task", PART2_TASK_NAMES)
+@pytest.mark.parametrize("task", ITR_RE_VCR)
 def test_shipped_config_keys_known(task):
     path = default_config(task)
     assert path.startswith(CONFIG_DIR)
@@ -79,26 +82,28 @@ def test_bad_values_named():
     base = {"output_dir": "x", "num_train_steps": 1, "train_batch_size": 4,
             "model_config": "uniter-tiny", "train_txt_dbs": ["a"], "train_img_dbs": ["b"]}
     with pytest.raises(ValueError, match="train_loss"):
-        make_task("re").configure(dict(base, train_loss="hinge"), {}, ns)
+        get_task("re").configure(dict(base, train_loss="hinge"), {}, ns)
     with pytest.raises(ValueError, match="checkpoint_from"):
-        make_task("vcr").configure(dict(base, checkpoint_from="x"), {}, ns)
+        get_task("vcr").configure(dict(base, checkpoint_from="x"), {}, ns)
     with pytest.raises(ValueError, match="negative_size"):
-        make_task("itm").configure(dict(base, negative_size=0), {}, ns)
+        get_task("itm").configure(dict(base, negative_size=0), {}, ns)
     with pytest.raises(ValueError, match="hard_neg_size"):
-        make_task("itm-hn").configure(dict(base, negative_size=3, hard_neg_size=4), {}, ns)
+        get_task("itm-hn").configure(dict(base, negative_size=3, hard_neg_size=4), {}, ns)
     ds = {}
-    make_task("itm-hn").configure(dict(base, negative_size=3, hard_neg_size=2), ds, ns)
+    get_task("itm-hn").configure(dict(base, negative_size=3, hard_neg_size=2), ds, ns)
     assert ds["gradient_accumulation_steps"] == 4     # train_batch_size texts per step
 
 
 def test_gt_db_rule_reads_the_directory_name():
-    from uniter_fast.training.finetune2 import is_gt_db
+    from uniter_fast.tasks.base import is_gt_db
     assert is_gt_db("/img/re_coco_gt/", "coco_gt") and not is_gt_db("/img/re_coco_det", "coco_gt")
     assert is_gt_db("/img/vcr_gt_val/") and not is_gt_db("/gtdata/img/vcr_val/")
 
 
-def test_infer_dispatches_part2(capsys):
+@pytest.mark.parametrize("task", ITR_RE_VCR)
+def test_infer_has_the_task_options(capsys, task):
     from uniter_fast import infer
     with pytest.raises(SystemExit):
-        infer.main(["--task", "re", "--help"])
-    assert "retrieval, RE, VCR" in capsys.readouterr().out
+        infer.main(["--task", task, "--help"])
+    out = capsys.readouterr().out
+    assert "--output_dir" in out and "--save_logits" not in out

@@ -8,7 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from oracle_finetune import encoder_layout
+from oracle_vqa_ve_nlvr2 import encoder_layout
 
 U = "uniter."
 LN_EPS = 1e-12

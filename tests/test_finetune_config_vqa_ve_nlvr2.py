@@ -16,8 +16,8 @@ import torch
 
 from uniter_fast.evaluation import answer_scores, nlvr2_consistency
 from uniter_fast.finetune import build_parser
+from uniter_fast.tasks import FinetuneTask, get_task
 from uniter_fast.training.config import load_configs
-from uniter_fast.training.finetune import FinetuneTask, make_task, normalize_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS = os.path.join(ROOT, "ds.json")
@@ -79,7 +79,7 @@ def _load(task, cfg, tmp_path, *extra):
         json.dump(cfg, f)
     args = build_parser(task).parse_args(["--task", task, "--config", path,
                                           "--deepspeed_config", DS, *extra])
-    t = make_task(task)
+    t = get_task(task)
     cfg, ds = load_configs(args, required=t.required_keys, known_keys=t.known_keys)
     t.configure(cfg, ds, args)
     return t, cfg, ds
@@ -127,21 +127,21 @@ def test_bad_original_configs_raise_naming_the_keys(tmp_path):
     base = _relocate(ORIGINAL["vqa"], str(tmp_path))
     bad = dict(base, train_img_dbs=base["train_img_dbs"][:2])
     with pytest.raises(ValueError, match="3 train text dbs but 2 image dbs"):
-        normalize_config("vqa", bad)
+        get_task("vqa").normalize(bad)
     with pytest.raises(ValueError, match="not both"):
-        normalize_config("vqa", dict(base, train_txt_db="x"))
+        get_task("vqa").normalize(dict(base, train_txt_db="x"))
     with pytest.raises(ValueError, match="optim"):
-        normalize_config("vqa", dict(base, optim="adamax"))
+        get_task("vqa").normalize(dict(base, optim="adamax"))
     with pytest.raises(ValueError, match="'model'"):
-        normalize_config("vqa", dict(base, model="paired"))
+        get_task("vqa").normalize(dict(base, model="paired"))
     nl = _relocate(ORIGINAL["nlvr2"], str(tmp_path))
     with pytest.raises(ValueError, match="paired, triplet|'paired', 'triplet'"):
-        normalize_config("nlvr2", dict(nl, model="pairs"))
+        get_task("nlvr2").normalize(dict(nl, model="pairs"))
     with pytest.raises(ValueError, match="val_txt_db and val_img_db"):
-        normalize_config("nlvr2", {k: v for k, v in nl.items() if k != "val_img_db"})
+        get_task("nlvr2").normalize({k: v for k, v in nl.items() if k != "val_img_db"})
     # the original's argparse defaults
     c = {k: v for k, v in nl.items() if k not in ("model", "use_img_type")}
-    normalize_config("nlvr2", c)
+    get_task("nlvr2").normalize(c)
     assert c["model"] == "paired" and c["use_img_type"] is False
 
 
@@ -155,7 +155,7 @@ def _tiny_cfg(task, **kw):
     cfg = {"model_config": "uniter-tiny", "img_dim": 2048, "learning_rate": 1e-3,
            "train_txt_dbs": ["t"], "train_img_dbs": ["i"]}
     cfg.update(kw)
-    normalize_config(task, cfg)
+    get_task(task).normalize(cfg)
     return cfg
 
 
@@ -173,11 +173,12 @@ def _ds(lr=1e-3):
     ("nlvr2", "paired-attn", ("nlvr2_output.", "attn1.", "attn2.", "fc.", "attn_pool.")),
     ("nlvr2", "triplet", ("nlvr2_output.",))])
 def test_lr_mul_head_groups(task, model, heads):
-    from uniter_fast.training.finetune import build_finetune_model
     kw = {"model": model} if model else {}
     cfg = _tiny_cfg(task, lr_mul=7.0, **kw)
-    t = make_task(task)
-    m = build_finetune_model(task, cfg, None, 13 if task == "vqa" else None)
+    t = get_task(task)
+    if task == "vqa":
+        t.use_answers({f"a{i}": i for i in range(13)})
+    m = t.make_model(cfg)
     ds = _ds()
     groups = t.param_groups(m, cfg, ds)
     names = {id(p): n for n, p in m.named_parameters()}
@@ -202,11 +203,10 @@ def test_lr_mul_head_groups(task, model, heads):
 
 
 def test_lr_mul_one_keeps_the_original_two_groups():
-    from uniter_fast.training.finetune import build_finetune_model
     cfg = _tiny_cfg("ve")
-    m = build_finetune_model("ve", cfg)
+    m = get_task("ve").make_model(cfg)
     ds = _ds()
-    groups = make_task("ve").param_groups(m, cfg, ds)
+    groups = get_task("ve").param_groups(m, cfg, ds)
     assert len(groups) == 2 and [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert ds["scheduler"]["params"]["warmup_max_lr"] == pytest.approx([1e-3, 1e-3])
 
@@ -215,18 +215,20 @@ _ENGINE_SCRIPT = r"""
 import json, sys, torch
 from uniter_fast.training import init_distributed
 from uniter_fast.training.engine import create_engine
-from uniter_fast.training.finetune import build_finetune_model, make_task, normalize_config
+from uniter_fast.tasks import get_task
 cfg = {"model_config": "uniter-tiny", "img_dim": 2048, "learning_rate": 1e-3, "lr_mul": 10.0,
        "train_txt_dbs": ["t"], "train_img_dbs": ["i"]}
-normalize_config("vqa", cfg)
+get_task("vqa").normalize(cfg)
 ds = json.load(open(sys.argv[1]))
 ds["bf16"] = {"enabled": False}
 ds["optimizer"]["params"]["lr"] = 1e-3
 ds["scheduler"]["params"].update(warmup_max_lr=1e-3, warmup_num_steps=4, total_num_steps=10)
 init_distributed()
 torch.manual_seed(0)
-m = build_finetune_model("vqa", cfg, None, 5)
-engine = create_engine(m, make_task("vqa").param_groups(m, cfg, ds), ds)
+task = get_task("vqa")
+task.use_answers({f"a{i}": i for i in range(5)})
+m = task.make_model(cfg)
+engine = create_engine(m, task.param_groups(m, cfg, ds), ds)
 out = []
 for step in range(6):
     loss = sum(p.float().pow(2).sum() for p in engine.module.parameters())
@@ -312,7 +314,7 @@ def test_nlvr2_consistency_matches_eval_script():
 
 
 def test_configs_shipped_for_every_task_load(tmp_path):
-    from uniter_fast.training.finetune import default_config
+    from uniter_fast.tasks.base import default_config
     for task in ("vqa", "ve", "nlvr2"):
         with open(default_config(task)) as f:
             cfg = json.load(f)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from oracle_finetune import layout as oracle_layout
+from oracle_vqa_ve_nlvr2 import layout as oracle_layout
 from record_compare import assert_records_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,47 +1,35 @@
-"""Convert between DeepSpeed checkpoints and plain UNITER state dicts.
+"""DeepSpeed checkpoints to plain UNITER state dicts: the library behind
+``python -m uniter_fast.export`` (the command line is :mod:`uniter_fast.export.__main__`).
 
-    python -m uniter_fast.export to-pt OUTPUT_DIR/ckpt model.pt [--tag global_step400]
-    python -m uniter_fast.export from-pt model.pt NEW_OUTPUT_DIR/ckpt \
-        [--config train.json] [--deepspeed_config ds.json]
-
-``to-pt`` writes an fp32 ``state_dict`` with exactly the original UNITER key
-names (both tied weights present), loadable by the original code's
-``UniterForPretraining`` with ``strict=True``.  It always exports the fp32
-master weights: ZeRO-1/2/3 checkpoints are consolidated from their fp32
+:func:`to_pt` writes an fp32 ``state_dict`` with exactly the original UNITER key
+names (for the pretraining model both tied weights present), loadable by the
+original code with ``strict=True``.  It always exports the fp32 master weights
+(:func:`consolidate`): ZeRO-1/2/3 checkpoints are consolidated from their fp32
 partitions, ZeRO-0 bf16/fp16 ones from the optimizer's fp32 copy, ZeRO-0 fp32
 ones from the module.  The tag's manifest is verified first; a tag that lacks
 a file (e.g. a save killed between DeepSpeed's writes) or whose masters cannot
-be found is refused -- never a silent bf16 export (``--allow_module_weights``
-exports the half-precision module weights on purpose).
-
-``--task vqa|ve|nlvr2`` (both directions) handles a fine-tuned model instead: ``to-pt``
-writes exactly the task model's keys (the original's ``UniterForVisualQuestionAnswering``
-etc. load it with ``strict=True``; checked against the run's ``train_config.json``),
-``from-pt`` builds the task model from ``--config`` (continue with ``finetune.py --resume``).
-
-``from-pt`` builds a single-process DeepSpeed checkpoint (tag
-``global_step0``) from a state dict; continue it with ``train.py --resume``
-at world size 1.  To start multi-rank training from a .pt file, set the
-training config's ``checkpoint`` instead (UNITER's way).
+be found is refused -- never a silent bf16 export (``allow_module_weights``
+exports the half-precision module weights on purpose).  What a fine-tuned model
+must hold is the task's business: its check is passed in (``check=``); this
+module knows no task.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import checkpoint as ckpt_lib
+from .. import checkpoint as ckpt_lib
 
 # tied weights: (key that may be missing in a checkpoint, key it is tied to)
 TIED = (("cls.predictions.decoder.weight", "uniter.embeddings.word_embeddings.weight"),
         ("feat_regress.weight", "uniter.img_embeddings.img_linear.weight"))
 
 
-def _fill_tied(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def fill_tied_weights(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for a, b in TIED:
         if a not in sd and b in sd:
             sd[a] = sd[b]
@@ -196,19 +184,21 @@ def consolidate(ckpt_dir: str, tag: Optional[str] = None,
               "(--allow_module_weights), not fp32 master weights", file=sys.stderr)
     sd = {k: (v.float() if v.is_floating_point() else v).detach().clone().contiguous()
           for k, v in sd.items()}
-    return _fill_tied(sd) if fill_tied else sd
+    return fill_tied_weights(sd) if fill_tied else sd
 
 
 def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
-          allow_module_weights: bool = False, task: Optional[str] = None
+          allow_module_weights: bool = False, fill_tied: bool = True,
+          check: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None
           ) -> Dict[str, torch.Tensor]:
-    """``task``: None / "pretrain" (the tied weights are filled in) or a fine-tuning task
-    (vqa, ve, nlvr2: the state dict of its model, exactly the original's keys)."""
-    sd = consolidate(ckpt_dir, tag, allow_module_weights,
-                     fill_tied=task in (None, "pretrain"))
-    if task not in (None, "pretrain"):
-        from .training.finetune import check_task_state_dict
-        check_task_state_dict(task, sd, ckpt_dir)
+    """Write the fp32 state dict of a DeepSpeed checkpoint to ``out_path`` (atomically).
+
+    ``fill_tied``: add the pretraining model's tied weights (off for a fine-tuned model,
+    whose state dict holds exactly its own keys); ``check``: called with the state dict
+    before anything is written (e.g. a task's key check), raises to refuse."""
+    sd = consolidate(ckpt_dir, tag, allow_module_weights, fill_tied=fill_tied)
+    if check is not None:
+        check(sd)
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"checkpoint weight {k} contains NaN or inf; refusing to export")
@@ -218,88 +208,25 @@ def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     return sd
 
 
-def from_pt(pt_path: str, ckpt_dir: str, config: Optional[str] = None,
-            deepspeed_config: Optional[str] = None, task: Optional[str] = None) -> str:
-    """Write a world-size-1 DeepSpeed checkpoint holding the weights of ``pt_path``
-    (``task``: a fine-tuning task's model, see ``checkpoint_from_state_dict``)."""
-    if task not in (None, "pretrain"):
-        from .training.finetune import checkpoint_from_state_dict
-        return checkpoint_from_state_dict(task, pt_path, ckpt_dir, config, deepspeed_config)
-    from . import train
-    args = ["--output_dir", os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))),
-            "--num_train_steps", "1"]
-    if config:
-        args += ["--config", config]
-    if deepspeed_config:
-        args += ["--deepspeed_config", deepspeed_config]
-    targs = train.build_arg_parser().parse_args(args)
-    cfg, ds = train.load_configs(targs)
-    # the precision a new run would train in (fp32 where bf16 would be emulated)
-    from .training.config import fp32_if_bf16_emulated
-    fp32_if_bf16_emulated(ds, targs, "export")
-    cfg["checkpoint"] = None
-    # never over an existing checkpoint (a tag dir without 'latest' included)
-    tags = ckpt_lib.list_tags(ckpt_dir)
-    if tags or os.path.exists(os.path.join(ckpt_dir, ckpt_lib.LATEST)):
-        raise ValueError(f"{ckpt_dir} already holds a checkpoint ({tags[:4]}); choose a new "
-                         "directory")
-    train.init_distributed()
-    import deepspeed
-    import torch.distributed as dist
-    if dist.get_world_size() != 1:
-        raise ValueError("from-pt runs in a single process")
-    meta = train.text_meta(cfg)
-    model = train.build_model(cfg, meta)
-    sd = _fill_tied(torch.load(pt_path, map_location="cpu", weights_only=True))
-    own = set(model.state_dict())
-    missing, unexpected = own - set(sd), set(sd) - own
-    if missing or unexpected:
-        raise ValueError(f"{pt_path} does not match the model: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
-    model.load_state_dict(sd, strict=True)
-    wd = ds.get("optimizer", {}).get("params", {}).get("weight_decay", 0.01)
-    groups = train.param_groups(model, wd)
-    names = ckpt_lib.param_group_names(model, groups)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-    settings = ckpt_lib.run_settings(engine, 1)
-    return ckpt_lib.save(engine, ckpt_dir, 0, {"global_step": 0, "data": None, "rng": None,
-                                               "settings": settings,
-                                               "param_group_names": names},
-                         settings=settings)
+def load_state_dict_file(pt_path: str) -> Dict[str, torch.Tensor]:
+    """A plain state dict file (``.pt``; tensors only: ``weights_only=True``)."""
+    return torch.load(pt_path, map_location="cpu", weights_only=True)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-pt", help="DeepSpeed checkpoint dir -> plain state dict (.pt)")
-    a.add_argument("ckpt_dir")
-    a.add_argument("out")
-    a.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
-    a.add_argument("--allow_module_weights", action="store_true",
-                   help="export the bf16/fp16 module weights when the fp32 masters are missing "
-                        "(lossy; without it such a tag is refused)")
-    tasks = ("pretrain", "vqa", "ve", "nlvr2", "itm", "itm-hn", "re", "vcr")
-    a.add_argument("--task", choices=tasks, default="pretrain",
-                   help="the model the checkpoint holds (fine-tuning: its own keys, no "
-                        "pretraining tied weights)")
-    b = sub.add_parser("from-pt", help="plain state dict (.pt) -> DeepSpeed checkpoint dir")
-    b.add_argument("--task", choices=tasks, default="pretrain",
-                   help="the model to build (fine-tuning tasks: from --config, default the "
-                        "task's synthetic config)")
-    b.add_argument("pt")
-    b.add_argument("ckpt_dir")
-    b.add_argument("--config", default=None, help="training config (model_config etc.)")
-    b.add_argument("--deepspeed_config", default=None)
-    args = p.parse_args(argv)
-    if args.cmd == "to-pt":
-        sd = to_pt(args.ckpt_dir, args.out, args.tag, args.allow_module_weights, args.task)
-        print(f"wrote {args.out}: {len(sd)} tensors, "
-              f"{sum(v.numel() for v in sd.values())} values")
-    else:
-        tag = from_pt(args.pt, args.ckpt_dir, args.config, args.deepspeed_config, args.task)
-        print(f"wrote {args.ckpt_dir}/{tag}")
-    return 0
+def check_keys(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: str,
+               shapes: bool = False, limit: Optional[int] = None) -> None:
+    """``sd`` has exactly ``model``'s keys (and, with ``shapes``, their shapes); else a
+    ``ValueError`` "<where> do not fit <model class>: ..." with the differences
+    (``where``: e.g. "the weights of checkpoint x.pt")."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = ([k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+           if shapes else [])
+    if missing or unexpected or bad:
+        def cut(xs):
+            return f"{xs[:limit]}{' ...' if limit and len(xs) > limit else ''}"
+        raise ValueError(f"{where} do not fit {type(model).__name__}: missing {cut(missing)}, "
+                         f"unexpected {cut(unexpected)}"
+                         + (f", shape mismatch {cut(bad)}" if bad else ""))
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The kind of task that picks one answer per example from the logits of a token-bucket
+batch (VQA, VE, NLVR2): :class:`AnswerTask` does the loaders, the loss, validation and
+inference; a task of this kind supplies its datasets, answers, metrics and file formats.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from ..constants import BUCKET_SIZE
+from ..data.db import TxtTokLmdb, open_img_db
+from ..data.loader import TaskLoader, move_to_device
+from ..data.sampler import TokenBucketSampler
+from ..training.task import RunContext
+from ..training.validation import reduce_sums, val_batches
+from .base import FinetuneTask, gather_lists, token_bucket_train_loader, token_bucket_val_loaders
+from .inference import Progress, amp_dtype, load_strict, load_weights
+
+__all__ = ["AnswerTask", "validate_answers", "infer_answers", "DEFAULT_BATCH_TOKENS"]
+
+#: the original inf scripts' default batch (tokens)
+DEFAULT_BATCH_TOKENS = 8192
+#: the counters summed over ranks at validation
+_COUNTERS = ("loss", "score", "correct", "n")
+
+
+def _row_targets(targets, n: int) -> List[Any]:
+    if targets is None:
+        return [None] * n
+    if targets.dim() == 1:
+        return [int(t) for t in targets.tolist()]
+    return [None] * n
+
+
+def validate_answers(task, engine, val_loaders, ctx: RunContext) -> Dict[str, float]:
+    """Every split's metrics (``task.finish_metrics`` of the summed ``task.batch_metrics``)
+    and its result file (``task.write_results``, rank 0), answers gathered over ranks."""
+    logs: Dict[str, float] = {}
+    for split, loader in val_loaders.items():
+        sums: Dict[str, float] = defaultdict(float)
+        results: List[Tuple[str, Any, Any]] = []
+        for b, real in val_batches(loader, ctx):
+            qids = b.pop("qids")
+            targets = b.get("targets")
+            logits = engine(b, compute_loss=False).float()
+            if not real:
+                continue
+            preds = task.predict(logits)
+            if targets is not None:
+                task.batch_metrics(logits, b, sums)
+            results.extend(zip(qids, preds, _row_targets(targets, len(qids))))
+        results = gather_lists(results, ctx.world_size)
+        # every rank reduces the same counters (a rank without labelled batches has none)
+        tot = reduce_sums(sums, _COUNTERS, ctx.world_size)
+        logs.update(task.finish_metrics(tot, results, split))
+        if ctx.rank == 0:
+            task.write_results(os.path.join(ctx.output_dir, "results"), split, ctx.step,
+                               [(q, p) for q, p, _ in results])
+    return logs
+
+
+def _default_output(task, source) -> str:
+    if source.kind == "deepspeed":
+        return os.path.join(source.run_dir, "results_test",
+                            f"results_{source.tag}_all.{task.result_ext}")
+    return f"{os.path.splitext(source.where)[0]}_results_{task.name}.{task.result_ext}"
+
+
+def infer_answers(task, args: argparse.Namespace, cfg: Dict[str, Any], source,
+                  device: torch.device) -> Dict[str, Any]:
+    """The task model with ``source``'s weights over ``args.txt_db``/``args.img_db`` in
+    token buckets: the answers to ``args.output`` (the original's format), the task metric
+    when the db has labels, the logits with ``--save_logits``."""
+    model = load_strict(task.make_model(cfg), load_weights(source), source.where, cfg)
+    model.to(device).eval()
+    txt_db = TxtTokLmdb(args.txt_db, -1)
+    dataset = task.dataset(txt_db, open_img_db(args.img_db, cfg), False, 0, 1, 0)
+    batch_tokens = int(args.batch_size or cfg.get("val_batch_size") or DEFAULT_BATCH_TOKENS)
+    loader = TaskLoader(dataset, task.collate(False),
+                        TokenBucketSampler(BUCKET_SIZE, batch_tokens, droplast=False),
+                        num_workers=args.n_workers)
+    dtype = amp_dtype(args.precision)
+    results: List[Tuple[str, str]] = []
+    logits_out: Dict[str, Any] = {}
+    sums: Dict[str, Any] = {"score": 0.0, "n": 0, "labelled": []}
+    bar = Progress(len(dataset), not args.no_progress, unit="ex", desc=f"{task.name} inference")
+    with torch.no_grad():
+        for batch in loader.epoch_batches(0):
+            qids = batch.pop("qids")
+            targets = batch.get("targets")
+            batch = move_to_device(batch, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(batch, compute_loss=False).float()
+            preds = task.predict(logits)
+            results.extend(zip(qids, preds))
+            if getattr(args, "save_logits", False):
+                for q, row in zip(qids, logits.half().cpu().numpy()):
+                    logits_out[str(q)] = row
+            if targets is not None:
+                task.labelled_metrics(logits.cpu(), targets, qids, preds, sums)
+                sums["n"] += len(qids)
+            bar(len(qids))
+    bar.close()
+    out = args.output or _default_output(task, source)
+    task.write_predictions(out, results)
+    summary: Dict[str, Any] = {"task": task.name, "output": out, "n": len(results)}
+    if getattr(args, "save_logits", False):
+        import numpy as np
+        lpath = os.path.splitext(out)[0] + "_logits.npz"
+        np.savez(lpath, **logits_out)
+        summary["logits"] = lpath
+    if sums["n"]:
+        summary.update(task.summary_metrics(sums))
+    return summary
+
+
+class AnswerTask(FinetuneTask):
+    """A task that answers each example from its logits (token-bucket batches of
+    ``dataset``/``collate``; the model's own ``reduce_loss``)."""
+
+    reinit_unseen_words = True
+    infer_batch_help = f"tokens per batch (default: val_batch_size or {DEFAULT_BATCH_TOKENS})"
+    #: extension of the result files (``json``, ``csv``)
+    result_ext = "json"
+
+    # ---------------------------------------------------------------- what the task supplies
+    @abc.abstractmethod
+    def dataset(self, txt_db, img_db, train: bool, rank: int, world_size: int, seed: int):
+        """The dataset of one text db and its image db (training or evaluation)."""
+
+    @abc.abstractmethod
+    def collate(self, train: bool):
+        """The collate function of :meth:`dataset`'s examples."""
+
+    @abc.abstractmethod
+    def predict(self, logits) -> List[Any]:
+        """The answers (as the result files write them) of a batch of logits."""
+
+    @abc.abstractmethod
+    def batch_metrics(self, logits, batch, sums: Dict[str, float]) -> None:
+        """Add a labelled validation batch to the counters ``sums`` (loss, score, correct, n)."""
+
+    @abc.abstractmethod
+    def finish_metrics(self, sums, results, split: str) -> Dict[str, float]:
+        """``{"<split>/<metric>": value}`` from the summed counters and ``(id, answer,
+        target)`` results of every rank."""
+
+    @abc.abstractmethod
+    def write_results(self, out_dir: str, split: str, step: int, results) -> str:
+        """Write a validation's ``(id, answer)`` results as the original does."""
+
+    @abc.abstractmethod
+    def labelled_metrics(self, logits, targets, qids, preds, sums: Dict[str, Any]) -> None:
+        """Add a labelled inference batch to ``sums`` ("score" and "labelled")."""
+
+    @abc.abstractmethod
+    def summary_metrics(self, sums: Dict[str, Any]) -> Dict[str, float]:
+        """The metrics inference prints, from :meth:`labelled_metrics`' sums."""
+
+    @abc.abstractmethod
+    def write_predictions(self, path: str, results) -> None:
+        """Write inference's ``(id, answer)`` results in the original's format."""
+
+    # ---------------------------------------------------------------- what it gets
+    def train_loader(self, cfg, rank, world_size, accum_steps):
+        return token_bucket_train_loader(
+            self.name, cfg, rank, world_size, accum_steps,
+            lambda t, i, r, w, s: self.dataset(t, i, True, r, w, s), self.collate(True))
+
+    def val_loaders(self, cfg, rank, world_size):
+        return token_bucket_val_loaders(
+            cfg, self.splits(cfg), rank, world_size,
+            lambda t, i, r, w, s: self.dataset(t, i, False, r, w, s), self.collate(False))
+
+    def compute_loss(self, engine, name, batch, cfg):
+        return engine.module.reduce_loss(engine(batch, compute_loss=True)), {}
+
+    def batch_size(self, batch):
+        return int(batch["attn_masks"].sum()), int(batch["targets"].size(0))
+
+    def validate(self, engine, val_loaders, ctx):
+        return validate_answers(self, engine, val_loaders, ctx)
+
+    def add_infer_args(self, parser):
+        parser.add_argument("--output", default=None,
+                            help="result file (default: <run dir>/results_test/results_<tag>_all"
+                                 ".<ext>, for a .pt: next to it)")
+        parser.add_argument("--n_workers", type=int, default=0)
+
+    def infer(self, args, cfg, source, device):
+        return infer_answers(self, args, cfg, source, device)

@@ -1,0 +1,297 @@
+"""Image-text retrieval: ``itm`` (``train_itm.py``, ``inf_itm.py``) and its hard-negative
+variant ``itm-hn`` (``train_itm_hard_negatives.py``).
+
+* ``itm``: :class:`~uniter_fast.data.itm.ItmRankDataset` with ``negative_size`` negatives
+  each way, ``train_batch_size`` *captions* per batch (a plain DataLoader batch in the
+  original, not tokens), the triplet loss with ``margin``, reduced by ``loss.mean()``; the
+  rank head starts from the ITM head's "match" row (``init_output``) unless the
+  checkpoint has ``rank_output.weight/bias``.
+* ``itm-hn``: per caption (and per image) one batch of the positive and
+  ``negative_size`` sampled negatives; the ``hard_neg_size`` hardest are re-run with
+  gradient.  The original accumulates ``train_batch_size`` captions and images into one
+  optimizer step, each direction's loss ``mean() / train_batch_size``; here the DeepSpeed
+  ``gradient_accumulation_steps`` is set to ``train_batch_size`` and a micro-step's loss
+  is ``mean(text side) + mean(image side)`` (DeepSpeed divides by the accumulation
+  steps: the same gradient).
+* Validation of both: the full ranking of every ``val`` (and ``test``) caption against
+  every image with the fast scorer (:func:`~uniter_fast.eval.itr.itm_dataset_scores`),
+  the score matrix gathered over ranks, :func:`~uniter_fast.eval.itr.itm_eval`:
+  ``{split}/txt_r1`` ... ``{split}/r_mean`` (the original's ``full_val``, always on here:
+  the fast scorer makes it cheap; ``inf_max_tokens``, default 16384, sets its batch),
+  written to ``results_{split}/scores_{step}.json``.
+* Inference (both): the full score matrix with the fast scorer (image/text embeddings
+  once, pairs batched by joint length; progress bar with pairs/s and ETA),
+  ``scores.json`` (the recalls), ``results.bin`` (pickled ``(score_matrix, txt_ids,
+  img_ids)``, as the original) and ``config.json`` (the options) in ``--output_dir``.  A
+  *pretraining* checkpoint works too (zero-shot retrieval: the ITM head's "match" logit
+  scores the pairs).  The checkpoint's own ``rank_output`` is used when it has one (the
+  original's ``inf_itm.py`` tested ``'rank_output' not in checkpoint`` against keys named
+  ``rank_output.weight/bias`` and so always replaced a fine-tuned head by the ITM row).
+
+Synthetic data (both): :mod:`uniter_fast.data.synthetic_tasks.itm`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from typing import Any, Dict
+
+import torch
+
+from ..constants import IMG_DIM, IMG_LABEL_DIM
+from ..data.db import TxtTokLmdb, open_img_db
+from ..data.itm import (
+    ItmEvalDataset,
+    ItmRankDataset,
+    ItmRankDatasetHardNegFromImage,
+    ItmRankDatasetHardNegFromText,
+    itm_rank_collate,
+    itm_rank_hn_collate,
+)
+from ..data.loader import ConcatDatasetWithLens, MetaLoader, TaskLoader
+from ..data.sampler import ExampleSampler, config_seed, rank_seed
+from ..data.synthetic_tasks import itm as synthetic_itm
+from ..eval.itr import gather_score_matrix, itm_dataset_scores, itm_eval
+from ..model import itm as models
+from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, set_dropout
+from ..model.pretrain import UniterForPretraining
+from .base import (
+    ORIGINAL_KEYS,
+    OWN_KEYS,
+    FinetuneTask,
+    atomic_write,
+    example_loader,
+    full_params,
+    result_dir,
+)
+from .inference import Progress, amp_dtype, load_strict, load_weights
+
+#: the originals' keys (train_itm.py) and this trainer's ``inf_max_tokens`` (tokens per
+#: batch of the fast retrieval scorer)
+ITM_KEYS = frozenset({"negative_size", "inf_minibatch_size", "margin", "full_val",
+                      "inf_max_tokens"})
+#: train_itm_hard_negatives.py adds ``hard_neg_size``
+ITM_HN_KEYS = ITM_KEYS | {"hard_neg_size"}
+#: the fast scorer's batch (tokens) at validation and inference
+DEFAULT_SCORER_TOKENS = 16384
+#: the original's ``inf_minibatch_size``
+DEFAULT_MINIBATCH = 400
+#: the originals' argparse defaults of ``margin`` and ``hard_neg_size``
+DEFAULT_MARGIN, DEFAULT_HARD_NEG_SIZE = 0.2, 16
+
+
+def _is_pretraining(sd: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("cls.", "feat_regress.", "region_classifier.")) for k in sd)
+
+
+class ItmTask(FinetuneTask):
+    """Image-text retrieval with sampled negatives."""
+
+    name = "itm"
+    head_prefixes = ("rank_output",)
+    known_keys = ORIGINAL_KEYS | OWN_KEYS | ITM_KEYS
+    synthetic_data = synthetic_itm
+    infer_batch_help = f"tokens per scorer batch (default {DEFAULT_SCORER_TOKENS})"
+
+    def configure(self, cfg, ds_config, args) -> None:
+        super().configure(cfg, ds_config, args)
+        self.neg_size = int(cfg.get("negative_size", 1))
+        if self.neg_size < 1:
+            raise ValueError(f"training config negative_size must be >= 1, got "
+                             f"{cfg['negative_size']}")
+        self.margin = float(cfg.get("margin", DEFAULT_MARGIN))
+
+    def make_model(self, cfg, state=None):
+        model = models.UniterForImageTextRetrieval.from_pretrained(
+            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            margin=float(cfg.get("margin", DEFAULT_MARGIN)))
+        return self._finish_model(model, cfg, state)
+
+    @staticmethod
+    def _finish_model(model, cfg, state):
+        if state is not None and not models.has_rank_output(state, model):
+            model.init_output()       # the original's intent (its key test always failed)
+        set_dropout(model, cfg.get("dropout"))
+        return model
+
+    # ---------------------------------------------------------------- data
+    def _train_dbs(self, cfg):
+        max_len = int(cfg.get("max_txt_len", DEFAULT_MAX_TXT_LEN))
+        return [(TxtTokLmdb(t, max_len), open_img_db(i, cfg))
+                for t, i in zip(cfg["train_txt_dbs"], cfg["train_img_dbs"])]
+
+    def train_loader(self, cfg, rank, world_size, accum_steps):
+        parts = [ItmRankDataset(t, i, self.neg_size, rank=rank, world_size=world_size,
+                                seed=config_seed(cfg)) for t, i in self._train_dbs(cfg)]
+        sampler = ExampleSampler(int(cfg["train_batch_size"]), droplast=True,
+                                 seed=rank_seed(cfg, rank))
+        return example_loader(self.name, cfg, parts, itm_rank_collate, sampler, accum_steps)
+
+    def val_loaders(self, cfg, rank, world_size):
+        out = {}
+        for split in self.splits(cfg):
+            txt = TxtTokLmdb(cfg[f"{split}_txt_db"], -1)
+            img = open_img_db(cfg[f"{split}_img_db"], cfg)
+            n_img = len(set(txt.txt2img[i] for i in txt.id2len))
+            mini = min(int(cfg.get("inf_minibatch_size", DEFAULT_MINIBATCH)), n_img)
+            out[split] = ItmEvalDataset(txt, img, mini, rank=rank, world_size=world_size)
+        return out
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, engine, name, batch, cfg):
+        return models.itm_rank_train_loss(engine(batch, compute_loss=True)), {}
+
+    def batch_size(self, batch):
+        return int(batch["attn_masks"].sum()), int(batch["attn_masks"].size(0)
+                                                   // batch["sample_size"])
+
+    def validate(self, engine, val_loaders, ctx):
+        logs: Dict[str, float] = {}
+        max_tok = int(ctx.cfg.get("inf_max_tokens", DEFAULT_SCORER_TOKENS))
+        for split, ds in val_loaders.items():
+            with full_params(engine, ctx):
+                scores = itm_dataset_scores(engine.module, ds, max_tokens=max_tok)
+            scores, txt_ids = gather_score_matrix(scores, ds.ids)
+            res = itm_eval(scores.float(), txt_ids, ds.all_img_ids, ds.txt_db.txt2img,
+                           ds.img2txts)
+            logs.update({f"{split}/{k}": v for k, v in res.items()})
+            if ctx.rank == 0:
+                atomic_write(os.path.join(result_dir(ctx, split), f"scores_{ctx.step}.json"),
+                             json.dumps(res))
+        return logs
+
+    # ---------------------------------------------------------------- inference
+    def add_infer_args(self, parser):
+        parser.add_argument("--output_dir", default=None,
+                            help="where the result files go (default: RUN_DIR/results_itm_test)")
+
+    def _infer_model(self, cfg, source):
+        """(model, zero_shot): a retrieval model, or a pretraining one (zero-shot)."""
+        config = load_model_config(cfg)
+        img_dim = int(cfg.get("img_dim") or IMG_DIM)
+        sd = load_weights(source)
+        if source.kind == "deepspeed" and _is_pretraining(sd):
+            sd = load_weights(source, fill_tied=True)   # the tied weights are needed too
+        if _is_pretraining(sd):
+            heads = [v for k, v in sd.items() if k.startswith("region_classifier.net.")
+                     and k.endswith(".weight") and v.dim() == 2]
+            label_dim = int(heads[-1].size(0)) if heads else int(cfg.get("img_label_dim")
+                                                                or IMG_LABEL_DIM)
+            return UniterForPretraining.from_pretrained(config, sd, img_dim=img_dim,
+                                                        img_label_dim=label_dim), True
+        model = models.UniterForImageTextRetrieval(config, img_dim)
+        if not models.has_rank_output(sd, model):
+            raise ValueError(f"checkpoint {source.where} has no rank_output.weight/bias and is "
+                             "not a pretraining checkpoint")
+        return load_strict(model, sd, source.where), False
+
+    def infer(self, args, cfg, source, device):
+        model, zero_shot = self._infer_model(cfg, source)
+        model.to(device).eval()
+        out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{ItmTask.name}_test")
+                                      if source.run_dir else
+                                      os.path.dirname(os.path.abspath(source.where)))
+        txt = TxtTokLmdb(args.txt_db, -1)
+        img = open_img_db(args.img_db, cfg)
+        n_img = len(set(txt.txt2img[i] for i in txt.id2len))
+        ds = ItmEvalDataset(txt, img, min(DEFAULT_MINIBATCH, n_img))
+        total = len(ds.ids) * len(ds.all_img_ids)
+        bar = Progress(total, not args.no_progress)
+        t0 = time.time()
+        try:
+            scores = itm_dataset_scores(model, ds,
+                                        max_tokens=int(args.batch_size or DEFAULT_SCORER_TOKENS),
+                                        amp_dtype=amp_dtype(args.precision), progress=bar)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            bar.close()
+        wall = time.time() - t0
+        res = itm_eval(scores.float(), ds.ids, ds.all_img_ids, txt.txt2img, ds.img2txts)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f)
+        with open(os.path.join(out_dir, "results.bin"), "wb") as f:
+            pickle.dump((scores.cpu(), list(ds.ids), list(ds.all_img_ids)), f)
+        with open(os.path.join(out_dir, "scores.json"), "w") as f:
+            json.dump(res, f)
+        print("\n".join(f"{'image' if k.startswith('img') else 'text'} retrieval "
+                        f"R{k.split('_r')[1]}: {v * 100:.2f}" for k, v in res.items()
+                        if k[-1].isdigit()))
+        out: Dict[str, Any] = {"metrics": res, "pairs": total,
+                               "pairs_per_s": total / max(wall, 1e-9), "wall_s": wall,
+                               "output_dir": out_dir, "zero_shot": zero_shot}
+        return out
+
+
+class _PairLoader:
+    """Yields ``(name, {"t": text-side batch, "i": image-side batch})`` from two loaders."""
+
+    def __init__(self, name: str, t: MetaLoader, i: MetaLoader):
+        self.name, self.t, self.i = name, t, i
+
+    def next(self):
+        return self.name, {"t": self.t.next()[1], "i": self.i.next()[1]}
+
+    def state_dict(self):
+        return {"t": self.t.state_dict(), "i": self.i.state_dict()}
+
+    def load_state_dict(self, state):
+        self.t.load_state_dict(state["t"])
+        self.i.load_state_dict(state["i"])
+
+
+class ItmHnTask(ItmTask):
+    """Image-text retrieval with hard negatives: the retrieval task with another sampler,
+    loss and model (validation and inference are retrieval's)."""
+
+    name = "itm-hn"
+    known_keys = ORIGINAL_KEYS | OWN_KEYS | ITM_HN_KEYS
+
+    def configure(self, cfg, ds_config, args) -> None:
+        super().configure(cfg, ds_config, args)
+        self.hard_size = int(cfg.get("hard_neg_size", DEFAULT_HARD_NEG_SIZE))
+        if not 1 <= self.hard_size <= self.neg_size:
+            raise ValueError(f"training config hard_neg_size must be in [1, negative_size="
+                             f"{self.neg_size}], got {self.hard_size}")
+        accum = int(cfg["train_batch_size"])
+        if accum < 1:
+            raise ValueError(f"training config train_batch_size must be >= 1, got {accum}")
+        # the original accumulates train_batch_size texts and images per optimizer step
+        ds_config["gradient_accumulation_steps"] = accum
+
+    def make_model(self, cfg, state=None):
+        model = models.UniterForImageTextRetrievalHardNeg.from_pretrained(
+            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            margin=float(cfg.get("margin", DEFAULT_MARGIN)), hard_size=int(cfg.get("hard_neg_size", DEFAULT_HARD_NEG_SIZE)))
+        return self._finish_model(model, cfg, state)
+
+    def train_loader(self, cfg, rank, world_size, accum_steps):
+        dbs = self._train_dbs(cfg)
+        loaders = []
+        for k, cls in enumerate((ItmRankDatasetHardNegFromText, ItmRankDatasetHardNegFromImage)):
+            parts = [cls(t, i, self.neg_size, rank=rank, world_size=world_size,
+                         seed=config_seed(cfg)) for t, i in dbs]
+            ds = parts[0] if len(parts) == 1 else ConcatDatasetWithLens(parts)
+            sampler = ExampleSampler(1, droplast=True, seed=rank_seed(cfg, rank) + k)
+            tl = TaskLoader(ds, itm_rank_hn_collate, sampler, int(cfg.get("n_workers", 0)),
+                            bool(cfg.get("pin_mem", False)))
+            loaders.append(MetaLoader({self.name: (tl, 1)}, accum_steps=1,
+                                      seed=config_seed(cfg)))
+        return _PairLoader(self.name, *loaders)
+
+    def compute_loss(self, engine, name, batch, cfg):
+        # the original's per-direction loss.mean() / train_batch_size: DeepSpeed divides
+        # by gradient_accumulation_steps = train_batch_size
+        lt = engine(batch["t"], sample_from="t", compute_loss=True).mean()
+        li = engine(batch["i"], sample_from="i", compute_loss=True).mean()
+        return lt + li, {"loss_t": float(lt.detach()), "loss_i": float(li.detach())}
+
+    def check_batch(self, name, batch):
+        for side in ("t", "i"):
+            super().check_batch(name, batch[side])
+
+    def batch_size(self, batch):
+        return (int(batch["t"]["attn_masks"].sum() + batch["i"]["attn_masks"].sum()), 2)

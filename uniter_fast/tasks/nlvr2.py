@@ -1,0 +1,126 @@
+"""NLVR2 (``train_nlvr2.py``, ``inf_nlvr2.py``): cross-entropy over False/True on an image
+pair; accuracy and consistency (every statement right on all its image pairs).
+
+Config: the original's ``train-nlvr2-base-1gpu.json`` keys; ``model`` picks the variant
+(``paired`` by default, ``triplet``, ``paired-attn``), ``use_img_type`` the image type
+embeddings (off by default: the original's argparse defaults).  Validation results:
+``results/{split}_results_{step}_all.csv`` lines ``identifier,True|False``; inference
+writes the same CSV.  Synthetic data: :mod:`uniter_fast.data.synthetic_tasks.nlvr2`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+
+import torch.nn.functional as F
+
+from ..constants import IMG_DIM
+from ..data import nlvr2 as data
+from ..data.synthetic_tasks import nlvr2 as synthetic_nlvr2
+from ..evaluation import nlvr2_consistency
+from ..model import nlvr2 as models
+from ..model.build import load_model_config, set_dropout
+from .answer import AnswerTask
+from .base import atomic_write
+
+#: the ``model`` values: the original's three NLVR2 models
+NLVR2_MODELS = {"paired": models.UniterForNlvr2Paired, "triplet": models.UniterForNlvr2Triplet,
+                "paired-attn": models.UniterForNlvr2PairedAttn}
+
+
+def _csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for q, a in rows:
+        w.writerow([q, a])
+    return buf.getvalue()
+
+
+class Nlvr2Task(AnswerTask):
+    name = "nlvr2"
+    head_prefixes = ("nlvr2_output", "attn1", "attn2", "fc", "attn_pool")
+    synthetic_data = synthetic_nlvr2
+    result_ext = "csv"
+
+    def check_config(self, cfg):
+        cfg.setdefault("model", "paired")
+        if cfg["model"] not in NLVR2_MODELS:
+            raise ValueError(f"training config model must be one of {tuple(NLVR2_MODELS)}, got "
+                             f"{cfg['model']!r}")
+        cfg["use_img_type"] = bool(cfg.get("use_img_type", False))
+        self._variant, self._use_img_type = cfg["model"], cfg["use_img_type"]
+
+    def make_model(self, cfg, state=None):
+        cls = NLVR2_MODELS[cfg.get("model", "paired")]
+        model = cls.from_pretrained(load_model_config(cfg), state,
+                                    img_dim=int(cfg.get("img_dim") or IMG_DIM))
+        model.init_type_embedding()
+        set_dropout(model, cfg.get("dropout"))
+        return model
+
+    # ---------------------------------------------------------------- data
+    def dataset(self, txt_db, img_db, train, rank, world_size, seed):
+        paired = "paired" in self._variant
+        cls = ((data.Nlvr2PairedDataset if train else data.Nlvr2PairedEvalDataset) if paired else
+               (data.Nlvr2TripletDataset if train else data.Nlvr2TripletEvalDataset))
+        return cls(txt_db, img_db, self._use_img_type, rank=rank, world_size=world_size,
+                   seed=seed)
+
+    def collate(self, train):
+        if "paired" in self._variant:
+            return data.nlvr2_paired_collate if train else data.nlvr2_paired_eval_collate
+        return data.nlvr2_triplet_collate if train else data.nlvr2_triplet_eval_collate
+
+    # ---------------------------------------------------------------- validation
+    def predict(self, logits):
+        return ["True" if i == 1 else "False" for i in logits.argmax(-1).tolist()]
+
+    def batch_metrics(self, logits, b, sums):
+        t = b["targets"]
+        sums["loss"] += float(F.cross_entropy(logits, t, reduction="sum"))
+        sums["correct"] += float((logits.argmax(-1) == t).sum())
+        sums["n"] += t.size(0)
+
+    def finish_metrics(self, tot, results, split):
+        if tot["n"] == 0:
+            return {}
+        labelled = [(q, p, t) for q, p, t in results if t is not None]
+        return {f"{split}/loss": tot["loss"] / tot["n"], f"{split}/acc": tot["correct"] / tot["n"],
+                f"{split}/consistency": nlvr2_consistency(
+                    [q for q, _, _ in labelled], [(p == "True") == bool(t) for _, p, t in labelled])}
+
+    def write_results(self, out_dir, split, step, results):
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{split}_results_{step}_all.csv")
+        atomic_write(path, _csv(results))
+        return path
+
+    # ---------------------------------------------------------------- inference
+    def add_infer_args(self, parser):
+        super().add_infer_args(parser)
+        parser.add_argument("--model", default=None, choices=tuple(NLVR2_MODELS),
+                            help="NLVR2 variant (default: the run's)")
+        parser.add_argument("--use_img_type", default=None, action=argparse.BooleanOptionalAction,
+                            help="image type embeddings (default: the run's setting)")
+
+    def infer_config(self, cfg, args):
+        if args.model is not None:
+            cfg["model"] = args.model
+        if args.use_img_type is not None:
+            cfg["use_img_type"] = args.use_img_type
+
+    def labelled_metrics(self, logits, targets, qids, preds, sums):
+        correct = [(p == "True") == bool(y) for p, y in zip(preds, targets.tolist())]
+        sums["labelled"].extend(zip(qids, correct))
+        sums["score"] += sum(correct)
+
+    def summary_metrics(self, sums):
+        return {"acc": sums["score"] / sums["n"],
+                "consistency": nlvr2_consistency([q for q, _ in sums["labelled"]],
+                                                 [c for _, c in sums["labelled"]])}
+
+    def write_predictions(self, path, results):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, _csv(results))

@@ -1,0 +1,181 @@
+"""Referring expressions (``train_re.py``, ``inf_re.py``).
+
+:class:`~uniter_fast.data.re.ReDataset` on the ground-truth boxes,
+``train_batch_size`` / ``val_batch_size`` expressions per batch, ``train_loss``
+(``cls`` or ``rank``), ``margin``, ``hard_ratio``, ``mlp``; loss ``sum()``; validation
+accuracy (IoU > 0.5) on ``val`` (and ``test``) with ground-truth or detected boxes
+(``coco_gt`` in the image db's directory name, as the original; the original tested the
+whole path, so a parent directory named ``...gt...`` turned a detected-box db into a
+ground-truth one), predictions to ``results_{split}/results_{step}_all.json``
+(``inf_re.py``'s records).  Inference writes
+``results_{name}_{split}_on_{gt|det}_all.json`` (``{"sent_id", "pred_box", "tgt_box"}``)
+and prints the accuracy.  Synthetic data: :mod:`uniter_fast.data.synthetic_tasks.re`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+import torch
+
+from ..constants import IMG_DIM
+from ..data.db import open_img_db
+from ..data.loader import TaskLoader, move_to_device
+from ..data.re import ReDataset, ReEvalDataset, ReTxtTokLmdb, re_collate, re_eval_collate
+from ..data.sampler import ExampleSampler, config_seed, rank_seed
+from ..data.synthetic_tasks import re as synthetic_re
+from ..eval.re import re_accuracy, re_eval_batch
+from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, set_dropout
+from ..model.re import UniterForReferringExpressionComprehension, re_train_loss
+from ..training.validation import reduce_sums, val_batches
+from .base import (
+    ORIGINAL_KEYS,
+    OWN_KEYS,
+    FinetuneTask,
+    atomic_write,
+    example_loader,
+    gather_lists,
+    is_gt_db,
+    result_dir,
+)
+from .inference import Progress, autocast, load_strict, load_weights, write_json
+
+#: the original train_re.py's keys beyond the shared ones
+RE_KEYS = frozenset({"train_loss", "margin", "hard_ratio", "mlp", "decay"})
+#: the ground-truth-box image dbs: ``coco_gt`` in the name, read with every box
+GT_MARKER, GT_NUM_BB = "coco_gt", 100
+#: expressions per batch at inference (inf_re.py's default)
+DEFAULT_INFER_BATCH = 128
+#: the box rule keys the RE image dbs are read without (conf_th = -1)
+_BOX_RULE_KEYS = ("conf_th", "max_bb", "min_bb")
+
+
+class _EpochMixin:
+    """The loaders' ``set_epoch`` (the order comes from the sampler, seeded by
+    (seed, epoch), so the datasets' own ``shuffle`` is not needed)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class _ReTrainDataset(_EpochMixin, ReDataset):
+    pass
+
+
+class _ReEvalDataset(_EpochMixin, ReEvalDataset):
+    pass
+
+
+def re_img_db(path: str, cfg):
+    """An RE image db: ground-truth boxes (every box) or detected boxes (the box rule)."""
+    if is_gt_db(path, GT_MARKER):
+        return open_img_db(path, cfg, conf_th=-1, num_bb=GT_NUM_BB)
+    return open_img_db(path, cfg)
+
+
+class ReTask(FinetuneTask):
+    name = "re"
+    head_prefixes = ("re_output",)
+    known_keys = ORIGINAL_KEYS | OWN_KEYS | RE_KEYS
+    synthetic_data = synthetic_re
+    infer_batch_help = f"expressions per batch (default {DEFAULT_INFER_BATCH})"
+
+    def check_config(self, cfg):
+        super().check_config(cfg)
+        loss = cfg.get("train_loss", "cls")
+        if loss not in ("cls", "rank"):
+            raise ValueError(f"training config train_loss must be 'cls' or 'rank', got {loss!r}")
+
+    def synthetic_world(self, cfg):
+        # RE reads every image db with conf_th=-1: the synthetic world keeps its box rule
+        return super().synthetic_world({k: v for k, v in cfg.items()
+                                        if k not in _BOX_RULE_KEYS})
+
+    def make_model(self, cfg, state=None):
+        model = UniterForReferringExpressionComprehension.from_pretrained(
+            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            loss=cfg.get("train_loss", "cls"), margin=float(cfg.get("margin", 0.2)),
+            hard_ratio=float(cfg.get("hard_ratio", 0.3)), mlp=int(cfg.get("mlp", 1)))
+        set_dropout(model, cfg.get("dropout"))
+        return model
+
+    # ---------------------------------------------------------------- data
+    def train_loader(self, cfg, rank, world_size, accum_steps):
+        max_len = int(cfg.get("max_txt_len", DEFAULT_MAX_TXT_LEN))
+        parts = [_ReTrainDataset(ReTxtTokLmdb(t, max_len), re_img_db(i, cfg), rank=rank,
+                                 world_size=world_size, seed=config_seed(cfg))
+                 for t, i in zip(cfg["train_txt_dbs"], cfg["train_img_dbs"])]
+        sampler = ExampleSampler(int(cfg["train_batch_size"]), droplast=False,
+                                 seed=rank_seed(cfg, rank))
+        return example_loader(self.name, cfg, parts, re_collate, sampler, accum_steps)
+
+    def val_loaders(self, cfg, rank, world_size):
+        out = {}
+        for split in self.splits(cfg):
+            path = cfg[f"{split}_img_db"]
+            ds = _ReEvalDataset(ReTxtTokLmdb(cfg[f"{split}_txt_db"], -1), re_img_db(path, cfg),
+                                use_gt_feat=is_gt_db(path, GT_MARKER), rank=rank,
+                                world_size=world_size)
+            bs = int(cfg.get("val_batch_size") or cfg["train_batch_size"])
+            out[split] = TaskLoader(ds, re_eval_collate, ExampleSampler(bs, shuffle=False))
+        return out
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, engine, name, batch, cfg):
+        return re_train_loss(engine(batch, compute_loss=True)), {}
+
+    def batch_size(self, batch):
+        return int(batch["attn_masks"].sum()), int(batch["input_ids"].size(0))
+
+    def validate(self, engine, val_loaders, ctx):
+        logs: Dict[str, float] = {}
+        for split, loader in val_loaders.items():
+            correct, n, preds = 0, 0, []
+            for b, real in val_batches(loader, ctx):
+                scores = engine(b, compute_loss=False)
+                if not real:
+                    continue
+                c, p = re_eval_batch(scores, b)
+                correct, n, preds = correct + c, n + len(p), preds + p
+            tot = reduce_sums({"correct": correct, "n": n}, ("correct", "n"), ctx.world_size)
+            preds = gather_lists(preds, ctx.world_size)
+            logs[f"{split}/acc"] = re_accuracy(int(tot["correct"]), int(tot["n"]))
+            if ctx.rank == 0:
+                atomic_write(os.path.join(result_dir(ctx, split),
+                                          f"results_{ctx.step}_all.json"), json.dumps(preds))
+        return logs
+
+    # ---------------------------------------------------------------- inference
+    def add_infer_args(self, parser):
+        parser.add_argument("--output_dir", default=None,
+                            help="where the result files go (default: RUN_DIR/results_re_test)")
+
+    def infer(self, args, cfg, source, device):
+        model = load_strict(self.make_model(cfg), load_weights(source), source.where)
+        model.to(device).eval()
+        out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{self.name}_test")
+                                      if source.run_dir else
+                                      os.path.dirname(os.path.abspath(source.where)))
+        gt = is_gt_db(args.img_db, GT_MARKER)
+        ds = _ReEvalDataset(ReTxtTokLmdb(args.txt_db, -1), re_img_db(args.img_db, cfg),
+                            use_gt_feat=gt)
+        loader = TaskLoader(ds, re_eval_collate,
+                            ExampleSampler(int(args.batch_size or DEFAULT_INFER_BATCH),
+                                           shuffle=False))
+        correct, preds = 0, []
+        bar = Progress(len(ds), not args.no_progress, "sent")
+        with torch.no_grad(), autocast(device, args.precision):
+            for b in loader.epoch_batches(0):
+                b = move_to_device(b, device)
+                c, p = re_eval_batch(model(b, compute_loss=False), b)
+                correct, preds = correct + c, preds + p
+                bar(len(p))
+        bar.close()
+        split = os.path.basename(os.path.normpath(args.txt_db)).split("_")[-1].split(".")[0]
+        boxes = "gt" if gt else "det"
+        path = os.path.join(out_dir, f"results_{source.name}_{split}_on_{boxes}_all.json")
+        write_json(path, preds)
+        acc = re_accuracy(correct, len(preds))
+        print(f"{split}-acc({boxes}): {acc * 100:.2f}%")
+        return {"metrics": {"acc": acc}, "output": path}
