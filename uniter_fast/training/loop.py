@@ -187,12 +187,17 @@ class Trainer:
         return flag
 
     def validate(self) -> Dict[str, float]:
+        """The task's validation, in eval mode; the RNG states are as before it (the
+        checkpoint of this step was saved before it, so a resumed run continues from the
+        same states as an uninterrupted one)."""
+        rng = _rng_state()
         self.engine.eval()
         try:
             with torch.no_grad():
                 return self.task.validate(self.engine, self.val_loaders, self.ctx)
         finally:
             self.engine.train()
+            _set_rng_state(rng)
 
     # ------------------------------------------------------------------ loop
     def run(self, argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -274,6 +279,9 @@ class Trainer:
                 rec.update({f"running/{n}": m.val for n, m in running.items()})
                 log(rec)
                 t_last, tok_acc, ex_acc = now, 0, 0
+            # save first: a validation that fails (a bad val db, a crash) loses no step
+            if step % save_steps == 0 or step == n_steps:
+                self.save()
             if step % valid_steps == 0 or step == n_steps:
                 self.ctx.step = step
                 last_val = self.validate()
@@ -281,8 +289,6 @@ class Trainer:
                 if pbar is not None:
                     pbar.write(f"step {step} validation: " +
                                ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_val.items())))
-            if step % save_steps == 0 or step == n_steps:
-                self.save()
             signum = self._stop_signal(stop)
             if signum:
                 if self.saved_step != step:
