@@ -1,4 +1,5 @@
-"""Retrieval evaluation: UNITER's recall metric against a brute-force computation, the fast
+"""Retrieval evaluation: the per-query recall metric against plain loops (order and rank-count
+invariance, ties, the original's counting as a reference), the fast
 full-ranking scorer against the original's per-caption loop, its batching and its host
 syncs, and the score-matrix gather with unequal rows on 2 CPU ranks (gloo)."""
 import os
@@ -30,66 +31,251 @@ META = {"CLS": 2, "SEP": 3, "MASK": 4, "v_range": [5, 120], "bert": "t"}
 
 
 # ----------------------------------------------------------------------------- metric
+KS = (1, 5, 10)
+
+
 def _retrieval_ids(n_img, caps, seed):
     rng = np.random.default_rng(seed)
     img_ids = [f"im{j}" for j in range(n_img)]
     txt2img, img2txts, txt_ids = {}, {}, []
     for j, img in enumerate(img_ids):
+        img2txts[img] = []
         for c in range(caps if isinstance(caps, int) else int(rng.integers(*caps))):
             t = f"t{j}_{c}"
             txt_ids.append(t)
             txt2img[t] = img
-            img2txts.setdefault(img, []).append(t)
+            img2txts[img].append(t)
     order = rng.permutation(len(txt_ids))      # rows in any order (gathered shards)
     return [txt_ids[k] for k in order], img_ids, txt2img, img2txts
 
 
-@pytest.mark.parametrize("n_img,caps,seed", [(13, (1, 5), 0), (40, 5, 1), (7, (1, 3), 2),
-                                             (25, 1, 3)])
-def test_itm_eval_matches_brute_force(n_img, caps, seed):
+def _random_case(n_img, caps, seed, ties=False):
+    """ids and a score matrix; ``ties``: scores from a few integer levels (many ties)."""
     txt_ids, img_ids, t2i, i2t = _retrieval_ids(n_img, caps, seed)
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(len(txt_ids), n_img, generator=g)
+    if ties:
+        scores = torch.randint(0, 3, (len(txt_ids), n_img), generator=g).float()
+    else:
+        scores = torch.randn(len(txt_ids), n_img, generator=g)
     # make the metric non-trivial: boost each caption's own image
     for r, t in enumerate(txt_ids):
-        scores[r, img_ids.index(t2i[t])] += 1.5
+        scores[r, img_ids.index(t2i[t])] += 1.0 if ties else 1.5
+    return scores, txt_ids, img_ids, t2i, i2t
+
+
+def plain_recalls(scores, txt_ids, img_ids, txt2img, img2txts):
+    """The per-query recall@k by plain loops over a list copy of the matrix: a query hits at
+    k when fewer than k candidates score strictly higher than its best ground truth (NaN:
+    never higher; a query with only NaN ground truths misses)."""
+    s = scores.double().tolist()
+    n_t, n_i = len(txt_ids), len(img_ids)
+    ir = [0, 0, 0]
+    for r, t in enumerate(txt_ids):                 # image retrieval: caption queries
+        g = s[r][img_ids.index(txt2img[t])]
+        if g != g:
+            continue
+        higher = 0
+        for j in range(n_i):
+            if s[r][j] > g:
+                higher += 1
+        for q, k in enumerate(KS):
+            if higher < k:
+                ir[q] += 1
+    tr = [0, 0, 0]
+    for j, img in enumerate(img_ids):               # text retrieval: image queries
+        gts = [s[txt_ids.index(t)][j] for t in img2txts[img]]
+        gts = [g for g in gts if g == g]
+        if not gts:
+            continue
+        g = max(gts)
+        higher = 0
+        for r in range(n_t):
+            if s[r][j] > g:
+                higher += 1
+        for q, k in enumerate(KS):
+            if higher < k:
+                tr[q] += 1
+    tr = [c / n_i for c in tr]
+    ir = [c / n_t for c in ir]
+    tm, im = sum(tr) / 3, sum(ir) / 3
+    return {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": tm,
+            "img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": im,
+            "r_mean": (tm + im) / 2}
+
+
+def original_img_recalls(score_matrix, txt_ids, img_ids, txt2img):
+    """Reference only: the original ``utils/itm_eval.py`` image retrieval, as it was written
+    (``topk(10)``, cut here to the columns there are, then ``(rank < k).sum()`` over the
+    ``nonzero()`` (row, position) pairs: the row index is counted as well)."""
+    img2j = {i: j for j, i in enumerate(img_ids)}
+    _, rank_txt = score_matrix.topk(min(10, len(img_ids)), dim=1)
+    gt = torch.tensor([img2j[txt2img[t]] for t in txt_ids]).unsqueeze(1).expand_as(rank_txt)
+    rank = (rank_txt == gt).nonzero()
+    return [float((rank < k).sum()) / len(txt_ids) for k in KS]
+
+
+CASES = [(1, 2, 0), (1, 1, 1), (2, 1, 2), (1, 7, 3), (3, 4, 4), (13, (1, 5), 5),
+         (40, 5, 6), (7, (1, 3), 7), (25, 1, 8), (11, (0, 3), 9), (31, (1, 4), 10)]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("n_img,caps,seed", CASES)
+def test_itm_eval_is_the_per_query_recall(n_img, caps, seed, ties):
+    scores, txt_ids, img_ids, t2i, i2t = _random_case(n_img, caps, seed, ties)
+    if not txt_ids:
+        pytest.skip("no captions drawn")
     got = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
-    want = orc.itm_eval(scores, txt_ids, img_ids, t2i, i2t)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k] == pytest.approx(want[k], abs=1e-12), k
-    assert 0 < got["img_r1"] < 1.5 and 0 < got["txt_r10"] <= 1
-    # an fp16 score matrix (the original's dtype) with distinct values (integers <= 2048 are
-    # exact in fp16) gives the same ranks
-    if scores.numel() <= 2048:
-        distinct = torch.randperm(scores.numel(), generator=g).view_as(scores).to(torch.float16)
-        got16 = itm_eval(distinct, txt_ids, img_ids, t2i, i2t)
-        assert got16 == pytest.approx(orc.itm_eval(distinct.float(), txt_ids, img_ids, t2i,
-                                                   i2t))
+    want = plain_recalls(scores, txt_ids, img_ids, t2i, i2t)
+    assert got == want
+    assert all(0.0 <= v <= 1.0 for v in got.values())
+    assert got["img_r1"] <= got["img_r5"] <= got["img_r10"]
+    assert got["txt_r1"] <= got["txt_r5"] <= got["txt_r10"]
+    # the same figures from a float64 / fp16 copy (exact here: small integers or the same
+    # order), and text retrieval equals the original's where there are no ties (its
+    # definition is already per query)
+    assert itm_eval(scores.double(), txt_ids, img_ids, t2i, i2t) == got
+    if ties:
+        assert itm_eval(scores.half(), txt_ids, img_ids, t2i, i2t) == got
+    else:
+        orig = orc.itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+        for k in ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean"):
+            assert got[k] == pytest.approx(orig[k], abs=1e-12), k
 
 
-def test_itm_eval_counts_the_first_rows_like_the_original():
-    """The original's (rank < k).sum() over nonzero() (row, position) pairs: row 0 with its
-    image at position 3 adds 1/n to img_r1 (and rows < 5 / < 10 to r5 / r10)."""
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("n_img,caps,seed", [(1, 2, 0), (3, 4, 4), (13, (1, 5), 5),
+                                             (40, 5, 6), (31, (1, 4), 10)])
+def test_itm_eval_invariant_to_text_and_image_order(n_img, caps, seed, ties):
+    scores, txt_ids, img_ids, t2i, i2t = _random_case(n_img, caps, seed, ties)
+    want = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+    g = torch.Generator().manual_seed(100 + seed)
+    for _ in range(5):
+        pr = torch.randperm(len(txt_ids), generator=g).tolist()
+        pc = torch.randperm(n_img, generator=g).tolist()
+        got = itm_eval(scores[pr][:, pc], [txt_ids[r] for r in pr], [img_ids[c] for c in pc],
+                       t2i, i2t)
+        assert got == want
+
+
+@pytest.mark.parametrize("n_img,caps,seed", [(13, (1, 5), 5), (40, 5, 6), (7, (1, 3), 7),
+                                             (1, 3, 0), (31, (1, 4), 10)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_itm_eval_equal_at_rank_counts_1_2_and_3(n_img, caps, seed, ties):
+    """Validation on W ranks: rank k scores the captions ``ids[k::W]``
+    (``ItmEvalDataset``), and :func:`gather_score_matrix` concatenates the shards in rank
+    order.  The metric of the gathered matrix equals the 1-process one exactly."""
+    scores, txt_ids, img_ids, t2i, i2t = _random_case(n_img, caps, seed, ties)
+    single = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+    for world in (2, 3):
+        order = [r for k in range(world) for r in range(k, len(txt_ids), world)]
+        gathered = torch.cat([scores[k::world] for k in range(world)])
+        assert torch.equal(gathered, scores[order])
+        got = itm_eval(gathered, [txt_ids[r] for r in order], img_ids, t2i, i2t)
+        assert got == single, world
+    # the original's image recall is not rank-count invariant in general; ours is
+
+
+def test_itm_eval_one_image_two_captions_is_a_recall_not_a_count():
+    """``infer --task itm`` on one image with two captions printed image R5 200.00 with the
+    original's counting; the recall is 1.0 for every k."""
+    scores = torch.tensor([[0.3], [-1.2]])
+    args = (["a", "b"], ["i"], {"a": "i", "b": "i"}, {"i": ["a", "b"]})
+    got = itm_eval(scores, *args)
+    assert got == {k: 1.0 for k in got}
+    assert original_img_recalls(scores, *args[:3]) == [1.5, 2.0, 2.0]
+
+
+def test_itm_eval_original_counting_differs_and_depends_on_caption_order():
+    """Documents the original's ``(rank < k).sum()`` over ``nonzero()`` (row, position)
+    pairs: a hit in row r also counts ``r < k``, so its image recall exceeds the recall by up
+    to k / #captions, and moving the one caption that misses changes it."""
     n = 12
     txt_ids = [f"t{i}" for i in range(n)]
     img_ids = [f"i{i}" for i in range(n)]
     t2i = dict(zip(txt_ids, img_ids))
     i2t = {i: [t] for t, i in t2i.items()}
     scores = torch.eye(n) * 10 + torch.arange(n * n, dtype=torch.float).view(n, n) / 1000
-    scores[0, 0] = 5.0
-    scores[0, [5, 6, 7]] = torch.tensor([9.0, 8.0, 7.0])      # row 0: its image at position 3
-    assert torch.argsort(scores[0], descending=True).tolist().index(0) == 3
+    scores[0, 0] = -5.0                   # caption 0: its image last (position 11)
     got = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
-    # hits (row, position): (0, 3) and (r, 0) for r >= 1
-    assert got["img_r1"] == pytest.approx((11 + 1) / n)       # positions < 1, plus row 0
-    assert got["img_r5"] == pytest.approx((12 + 5) / n)       # all positions, plus rows 0..4
-    assert got["img_r10"] == pytest.approx((12 + 10) / n)
-    assert got["txt_r1"] == pytest.approx(1.0)
+    assert [got[f"img_r{k}"] for k in KS] == [11 / n] * 3
+    assert got == plain_recalls(scores, txt_ids, img_ids, t2i, i2t)
+    # the original: hits (r, 0) for rows 1..11, plus rows 1..k-1
+    assert original_img_recalls(scores, txt_ids, img_ids, t2i) == [11 / n, 15 / n, 20 / n]
+    assert orc.itm_eval(scores, txt_ids, img_ids, t2i, i2t)["img_r5"] == pytest.approx(15 / n)
+    # the missing caption moved to the last row: the original's figures change, ours not
+    pr = list(range(1, n)) + [0]
+    moved = (scores[pr], [txt_ids[r] for r in pr], img_ids, t2i)
+    assert original_img_recalls(*moved) == [12 / n, 16 / n, 21 / n]
+    assert itm_eval(*moved, i2t) == got
+
+
+def test_itm_eval_ties_count_for_the_query():
+    """Hit at k: fewer than k candidates score strictly higher than the (best) ground truth."""
+    scores = torch.tensor([[1.0, 1.0, 1.0],       # t0 (image a): tied with both others
+                           [2.0, 2.0, 0.0],       # t1 (image b): tied with a
+                           [0.0, 5.0, 1.0],       # t2 (image c): b higher
+                           [0.0, 0.0, 1.0]])      # t3 (image c)
+    txt_ids, img_ids = ["t0", "t1", "t2", "t3"], ["a", "b", "c"]
+    t2i = {"t0": "a", "t1": "b", "t2": "c", "t3": "c"}
+    i2t = {"a": ["t0"], "b": ["t1"], "c": ["t2", "t3"]}
+    got = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+    assert got["img_r1"] == 3 / 4 and got["img_r5"] == 1.0        # only t2 misses at 1
+    # columns: a: t0 (1) below t1 (2): 1 higher; b: t1 (2) below t2 (5); c: best 1, none higher
+    assert got["txt_r1"] == 1 / 3 and got["txt_r5"] == 1.0
+    assert got == plain_recalls(scores, txt_ids, img_ids, t2i, i2t)
+    # an all-equal matrix: every query hits at every k
+    flat = torch.zeros(4, 3)
+    assert set(itm_eval(flat, txt_ids, img_ids, t2i, i2t).values()) == {1.0}
+
+
+def test_itm_eval_nan_and_empty_image():
+    txt_ids, img_ids = ["t0", "t1", "t2"], ["a", "b", "c"]
+    t2i = {"t0": "a", "t1": "b", "t2": "b"}
+    i2t = {"a": ["t0"], "b": ["t1", "t2"], "c": []}           # image c: no caption
+    nan = float("nan")
+    scores = torch.tensor([[nan, 0.0, 0.0],      # t0: its image NaN -> miss
+                           [nan, 1.0, nan],      # t1: NaN candidates never outrank
+                           [0.0, nan, 1.0]])     # t2: its image NaN -> miss
+    got = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+    assert got == plain_recalls(scores, txt_ids, img_ids, t2i, i2t)
+    assert [got[f"img_r{k}"] for k in KS] == [1 / 3] * 3
+    # a: only NaN ground truth -> miss; b: best 1.0 (t1), nothing higher; c: no caption
+    assert [got[f"txt_r{k}"] for k in KS] == [1 / 3] * 3
+    assert set(itm_eval(torch.full((3, 3), nan), txt_ids, img_ids, t2i, i2t).values()) == {0.0}
+
+
+def test_itm_eval_input_errors():
+    txt_ids, img_ids = ["t0", "t1"], ["a", "b"]
+    t2i = {"t0": "a", "t1": "b"}
+    i2t = {"a": ["t0"], "b": ["t1"]}
+    scores = torch.randn(2, 2)
     with pytest.raises(ValueError, match="score_matrix must be"):
-        itm_eval(scores[:3], txt_ids, img_ids, t2i, i2t)
+        itm_eval(scores[:1], txt_ids, img_ids, t2i, i2t)
+    with pytest.raises(ValueError, match="score_matrix must be"):
+        itm_eval(scores.view(-1), txt_ids, img_ids, t2i, i2t)
+    with pytest.raises(ValueError, match="at least one caption and one image"):
+        itm_eval(torch.zeros(0, 2), [], img_ids, t2i, i2t)
+    with pytest.raises(ValueError, match="at least one caption and one image"):
+        itm_eval(torch.zeros(2, 0), txt_ids, [], t2i, i2t)
+    with pytest.raises(ValueError, match="at least one caption and one image"):
+        itm_eval(torch.zeros(0, 0), [], [], {}, {})
     with pytest.raises(ValueError, match="not in txt_ids"):
-        itm_eval(scores[:-1], txt_ids[:-1], img_ids, t2i, i2t)
+        itm_eval(scores[:1], txt_ids[:1], img_ids, t2i, i2t)
+    with pytest.raises(ValueError, match="has no column"):
+        itm_eval(scores[:, :1], txt_ids, img_ids[:1], t2i, {"a": ["t0"]})
+    with pytest.raises(ValueError, match="no img2txts entry"):
+        itm_eval(scores, txt_ids, img_ids, t2i, {"a": ["t0"]})
+    with pytest.raises(ValueError, match="must not repeat"):
+        itm_eval(scores, ["t0", "t0"], img_ids, t2i, i2t)
+    # integer scores are accepted (compared exactly)
+    assert itm_eval(torch.tensor([[2, 1], [0, 3]]), txt_ids, img_ids, t2i, i2t)["r_mean"] == 1.0
+
+
+def test_itm_eval_chunked_rows_equal_unchunked(monkeypatch):
+    scores, txt_ids, img_ids, t2i, i2t = _random_case(13, (1, 5), 5, ties=True)
+    want = itm_eval(scores, txt_ids, img_ids, t2i, i2t)
+    monkeypatch.setattr(itr_mod, "_EVAL_CHUNK", 20)         # 1 row per chunk at 13 images
+    assert itm_eval(scores, txt_ids, img_ids, t2i, i2t) == want
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -271,8 +457,12 @@ def test_gather_unequal_rows_on_two_gloo_ranks(eval_db, tmp_path):
     single = itm_dataset_scores(tiny_model(), full)
     order = [full.ids.index(t) for t in res["ids"]]
     torch.testing.assert_close(res["scores"], single[order], rtol=1e-5, atol=1e-5)
-    assert res["eval"] == pytest.approx(orc.itm_eval(single[order], res["ids"], full.all_img_ids,
-                                                     full.txt2img, full.img2txts))
+    assert res["eval"] == plain_recalls(res["scores"], res["ids"], full.all_img_ids,
+                                        full.txt2img, full.img2txts)
+    # the gathered matrix in the 1-process row order gives the same figures exactly
+    back = [res["ids"].index(t) for t in full.ids]
+    assert itm_eval(res["scores"][back], full.ids, full.all_img_ids, full.txt2img,
+                    full.img2txts) == res["eval"]
     # without a process group the gather is the identity
     s, ids = gather_score_matrix(single, full.ids)
     assert s is single and ids == full.ids

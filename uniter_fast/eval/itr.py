@@ -1,5 +1,5 @@
 """Image-text retrieval evaluation: full-ranking score matrix, its gather across ranks and
-UNITER's recall metric (``utils/itm_eval.py``).
+retrieval recalls (UNITER's ``utils/itm_eval.py`` keys, the standard per-query recall).
 
 * :func:`itr_score_matrix` scores every (caption, image) pair with a retrieval model (its
   ``rank_output``) or a pretraining model (zero-shot: its ITM head's "match" logit), fast:
@@ -21,8 +21,10 @@ UNITER's recall metric (``utils/itm_eval.py``).
 * :func:`gather_score_matrix`: every rank's rows (this rank's captions against all
   images) gathered in rank order when ranks hold different numbers of rows: pad,
   ``all_gather``, trim (gloo and NCCL).
-* :func:`itm_eval`: text and image R@1/5/10, their means and the overall mean, exactly as
-  the original computes them (see its notes).
+* :func:`itm_eval`: text and image R@1/5/10, their means and the overall mean (UNITER's
+  keys), each the fraction of queries with a ground truth in the top k, from the full
+  score matrix: independent of the row/column order and the number of ranks (the
+  original's image recall also counted row indices; see its notes).
 """
 from __future__ import annotations
 
@@ -50,57 +52,99 @@ _EMBED_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- metric
+#: score-matrix entries compared per chunk of rows (bounds the temporary boolean matrix)
+_EVAL_CHUNK = 1 << 24
+
+
 @torch.no_grad()
 def itm_eval(score_matrix: torch.Tensor, txt_ids: Sequence[str], img_ids: Sequence[str],
              txt2img: Mapping[str, str], img2txts: Mapping[str, Sequence[str]]
              ) -> Dict[str, float]:
-    """UNITER's retrieval recalls from ``score_matrix`` [len(txt_ids), len(img_ids)].
+    """Retrieval recalls from ``score_matrix`` [len(txt_ids), len(img_ids)] (row: caption,
+    column: image), the standard per-query recall@k:
 
-    Image retrieval (``img_r*``): for each caption, whether its image (``txt2img``) is in
-    the top k of its row.  Text retrieval (``txt_r*``): for each image, whether one of its
-    captions (``img2txts``) is in the top k of its column.  Means: ``txt_r_mean``,
-    ``img_r_mean`` (of the three recalls) and ``r_mean`` (of the two means).
+    * text retrieval ``txt_r{1,5,10}``: the fraction of *images* (queries) for which one of
+      their captions (``img2txts``) is among the top k captions of their column;
+    * image retrieval ``img_r{1,5,10}``: the fraction of *captions* (queries) whose image
+      (``txt2img``) is among the top k images of their row;
+    * ``txt_r_mean``, ``img_r_mean`` (mean of the three recalls) and ``r_mean`` (mean of
+      the two means), UNITER's names and keys.
 
-    As in the original, ranks come from ``topk(10)`` (ties broken as ``topk`` breaks
-    them), and the image recalls are ``(rank < k).sum()`` over the ``nonzero()`` (row,
-    position) pairs of the hits, so they also count each of the first k captions (rows
-    0..k-1) whose image is in its top 10: at most k / len(txt_ids) above the plain recall.
-    Where the original fails (fewer than 10 captions or images) the top is cut to the
-    available rows/columns.  A caption whose image is not among ``img_ids``, or an image
-    caption not among ``txt_ids``, raises ``ValueError``.
+    A query is a hit at k when fewer than k candidates score *strictly higher* than its best
+    ground truth (the best-scoring of an image's captions; a caption's one image): ties
+    count in the query's favour, so the figures do not depend on the order of the rows or
+    columns (nor on how many ranks the rows were gathered from) and every recall is in
+    [0, 1].  A k at or above the number of candidates makes every query a hit.  A NaN score
+    ranks below every number: a NaN candidate never outranks, and a query whose ground
+    truths all score NaN is a miss.  An image without any caption in ``txt_ids`` is a
+    query that misses.
+
+    Text retrieval is the original's definition (``utils/itm_eval.py``: per image, the best
+    rank of its captions in the column's top 10), up to ties (the original broke them as
+    ``topk`` did).  Image retrieval differs: the original summed ``(rank < k)`` over the
+    ``nonzero()`` (row, position) pairs of the hits, which also counted the row index, i.e.
+    each of the first k captions whose image is in its top 10, adding up to k / len(txt_ids)
+    and depending on the caption order (one image, two captions: R@5 = 2.0).
+
+    Raises ``ValueError`` for a matrix of the wrong shape, no captions or no images,
+    duplicated ids, a caption whose image is not among ``img_ids`` (or that has no
+    ``txt2img`` entry), an image without an ``img2txts`` entry, or an ``img2txts`` caption
+    not among ``txt_ids``.
     """
     n_t, n_i = len(txt_ids), len(img_ids)
     if score_matrix.dim() != 2 or tuple(score_matrix.shape) != (n_t, n_i):
         raise ValueError(f"score_matrix must be [len(txt_ids)={n_t}, len(img_ids)={n_i}], got "
                          f"{tuple(score_matrix.shape)}")
     if n_t == 0 or n_i == 0:
-        raise ValueError("itm_eval needs at least one caption and one image")
-    dev = score_matrix.device
+        raise ValueError(f"itm_eval needs at least one caption and one image, got {n_t} "
+                         f"captions and {n_i} images")
+    txt2i = {t: i for i, t in enumerate(txt_ids)}
     img2j = {img: j for j, img in enumerate(img_ids)}
+    if len(txt2i) != n_t or len(img2j) != n_i:
+        raise ValueError("itm_eval: txt_ids and img_ids must not repeat an id")
+    if not score_matrix.is_floating_point():
+        score_matrix = score_matrix.double()
+    dev = score_matrix.device
     try:
-        gt_j = torch.tensor([img2j[txt2img[t]] for t in txt_ids], device=dev)
+        gt_j = [img2j[txt2img[t]] for t in txt_ids]
     except KeyError as e:
         raise ValueError(f"itm_eval: caption or image {e} has no column (txt2img names an "
                          "image that is not in img_ids, or a caption lacks txt2img)") from None
-    top = max(RECALL_KS)
-    # image retrieval
-    _, rank_txt = score_matrix.topk(min(top, n_i), dim=1)
-    rank = (rank_txt == gt_j[:, None]).nonzero()
-    ir = [float((rank < k).sum()) / n_t if rank.numel() else 0.0 for k in RECALL_KS]
-    # text retrieval
-    txt2i = {t: i for i, t in enumerate(txt_ids)}
-    codes = []
+    rows, cols = [], []
     for j, img in enumerate(img_ids):
+        if img not in img2txts:
+            raise ValueError(f"itm_eval: image {img!r} has no img2txts entry")
         for t in img2txts[img]:
             if t not in txt2i:
                 raise ValueError(f"itm_eval: caption {t!r} of image {img!r} (img2txts) is not "
                                  "in txt_ids")
-            codes.append(txt2i[t] * n_i + j)
-    _, rank_img = score_matrix.topk(min(top, n_t), dim=0)           # [top, n_i]
-    cand = rank_img * n_i + torch.arange(n_i, device=dev)[None, :]
-    hit = torch.isin(cand, torch.tensor(codes, dtype=torch.long, device=dev))
-    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full((n_i,), top, device=dev))
-    tr = [float((first < k).sum()) / n_i for k in RECALL_KS]
+            rows.append(txt2i[t])
+            cols.append(j)
+    # the ground truth's score of each caption (image retrieval) and the best of each
+    # image's captions (text retrieval); the values are the matrix's own, so the strict
+    # comparisons below are exact in its dtype
+    gt_img = score_matrix[torch.arange(n_t, device=dev), torch.tensor(gt_j, device=dev)]
+    img_valid = ~torch.isnan(gt_img)
+    best_txt = torch.full((n_i,), float("-inf"), dtype=torch.float64, device=dev)
+    txt_valid = torch.zeros(n_i, dtype=torch.bool, device=dev)
+    if rows:
+        r = torch.tensor(rows, device=dev)
+        c = torch.tensor(cols, device=dev)
+        v = score_matrix[r, c].double()
+        ok = ~torch.isnan(v)
+        best_txt.scatter_reduce_(0, c[ok], v[ok], "amax")
+        txt_valid[c[ok]] = True
+    best_txt = best_txt.to(score_matrix.dtype)          # exact: matrix values or -inf
+    # candidates scoring strictly higher (NaN never compares higher)
+    higher_img = torch.empty(n_t, dtype=torch.long, device=dev)   # per caption
+    higher_txt = torch.zeros(n_i, dtype=torch.long, device=dev)   # per image
+    step = max(1, _EVAL_CHUNK // n_i)
+    for r0 in range(0, n_t, step):
+        chunk = score_matrix[r0:r0 + step]
+        higher_img[r0:r0 + step] = (chunk > gt_img[r0:r0 + step, None]).sum(1)
+        higher_txt += (chunk > best_txt[None, :]).sum(0)
+    tr = [float((txt_valid & (higher_txt < k)).sum()) / n_i for k in RECALL_KS]
+    ir = [float((img_valid & (higher_img < k)).sum()) / n_t for k in RECALL_KS]
     tr_mean, ir_mean = sum(tr) / 3, sum(ir) / 3
     out = {f"txt_r{k}": v for k, v in zip(RECALL_KS, tr)}
     out["txt_r_mean"] = tr_mean
