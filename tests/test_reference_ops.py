@@ -155,3 +155,19 @@ def test_layer_norm_and_gelu(dtype):
     expect_gelu = xg * 0.5 * (1 + torch.special.erf(xg / math.sqrt(2)))
     for name in ops.available_backends("gelu", "cpu", dtype):
         torch.testing.assert_close(ops.gelu(x, backend=name).double(), expect_gelu, rtol=tol, atol=tol)
+
+
+def test_reference_layer_norm_computes_float64_in_float64():
+    """A float64 input is normalized in float64 (not through float32): it matches an
+    independent float64 formula (numpy) to 1e-12."""
+    rng = np.random.default_rng(11)
+    xn = rng.standard_normal((4, 3, 257)) * 5 + 3
+    wn, bn = rng.standard_normal(257), rng.standard_normal(257)
+    eps = 1e-12
+    mean = xn.mean(-1, keepdims=True)
+    var = ((xn - mean) ** 2).mean(-1, keepdims=True)
+    expect = (xn - mean) / np.sqrt(var + eps) * wn + bn
+    out = reference.layer_norm(torch.from_numpy(xn), torch.from_numpy(wn),
+                               torch.from_numpy(bn), eps)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), expect, rtol=1e-12, atol=1e-12)

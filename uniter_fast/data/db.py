@@ -17,12 +17,21 @@ when a record holds fewer (UNITER slices ``arr[:num_bb]``).
 Every read is validated: a missing key, a corrupt record, non-finite values or
 shapes that disagree raise :class:`DbError` (a ``ValueError``) naming the db
 and the key, so training never silently runs on garbage.
+
+Reading a db never runs code from it: text records are plain msgpack (no object
+hook), compressed image records are read with ``allow_pickle=False``, and
+uncompressed (msgpack-numpy) image records are decoded by :func:`decode_msgpack_numpy`,
+which accepts numeric arrays and scalars only (msgpack-numpy's own decoder would
+unpickle an object array).  Opening an LMDB first checks its ``data.mdb`` against the
+size its meta pages require (:func:`check_lmdb_file`): a truncated file would otherwise
+kill the process with SIGBUS on the first read past its end.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import struct
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -36,7 +45,8 @@ from lz4.frame import decompress as lz4_decompress
 from ..constants import DEFAULT_CONF_TH, DEFAULT_MAX_BB, DEFAULT_MIN_BB, DEFAULT_NUM_BB
 
 __all__ = ["DbError", "compute_num_bb", "TxtTokLmdb", "DetectFeatLmdb", "write_txt_db",
-           "write_img_db", "img_db_name", "nbb_file_name", "open_img_db"]
+           "write_img_db", "img_db_name", "nbb_file_name", "open_img_db", "check_token_ids",
+           "check_lmdb_file", "decode_msgpack_numpy"]
 
 _MAP_SIZE = 1 << 34   # 16 GiB of address space (sparse; grows only as written)
 
@@ -66,8 +76,119 @@ def _load_json(path: str, what: str) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise DbError(f"{what}: missing file {path}") from None
+    except PermissionError:
+        raise DbError(f"{what}: permission denied reading {path}") from None
+    except IsADirectoryError:
+        raise DbError(f"{what}: {path} is a directory, not a JSON file") from None
+    except NotADirectoryError:
+        raise DbError(f"{what}: cannot read {path}: a component of the path is not a "
+                      "directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DbError(f"{what}: corrupt JSON {path}: {e}") from None
+    except OSError as e:
+        raise DbError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _dir_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a readable directory (missing, not a directory, permission
+    denied), or None when it is one."""
+    if not os.path.lexists(path):
+        return "missing (no such directory)"
+    if not os.path.exists(path):
+        return "missing (a dangling symbolic link)"
+    if not os.path.isdir(path):
+        return "not a directory"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return "permission denied (the directory cannot be read)"
+    return None
+
+
+def check_token_ids(ids: Any, where: str, field: str = "input_ids",
+                    nonempty: bool = False) -> None:
+    """``ids`` must be a list of non-negative ints; ``True``/``False`` are not token ids
+    (Python would take them as 1/0).  Raises :class:`DbError` naming ``where`` (the db
+    and the record), the field and the position of the first bad id."""
+    if not isinstance(ids, (list, tuple)):
+        raise DbError(f"{where}: {field} must be a list of token ids (non-negative ints), "
+                      f"got {type(ids).__name__}")
+    if nonempty and not ids:
+        raise DbError(f"{where}: {field} is empty")
+    for pos, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise DbError(f"{where}: {field}[{pos}] is {t!r} ({type(t).__name__}), not a token "
+                          "id (a non-negative int)")
+        if t < 0:
+            raise DbError(f"{where}: {field}[{pos}] is {t}, a negative token id")
+
+
+# ----------------------------------------------------------------------------- LMDB files
+
+# LMDB's data.mdb starts with two meta pages (lmdb.h / mdb.c, MDB_DATA_VERSION 1, 64-bit):
+# a 16-byte page header (mp_pgno u64, mp_pad u16, mp_flags u16, 4 bytes) then MDB_meta:
+# mm_magic u32, mm_version u32, mm_address, mm_mapsize, mm_dbs[2] (48 bytes each; the
+# page size is mm_dbs[0].md_pad, u32), mm_last_pg u64, mm_txnid u64.  The file is native
+# byte order.
+_MDB_MAGIC = 0xBEEFC0DE
+_MDB_DATA_VERSION = 1
+_P_META = 0x08
+_PAGEHDRSZ = 16
+_META_PSIZE = _PAGEHDRSZ + 24
+_META_LAST_PG = _PAGEHDRSZ + 120
+_META_END = _META_LAST_PG + 16
+
+
+def _read_meta(buf: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """(version, page size, last page number, txn id) of one meta page's leading bytes,
+    or None if they are not an LMDB meta page."""
+    if len(buf) < _META_END:
+        return None
+    _pgno, _pad, flags = struct.unpack_from("=QHH", buf, 0)
+    magic, version = struct.unpack_from("=II", buf, _PAGEHDRSZ)
+    if magic != _MDB_MAGIC or not flags & _P_META:
+        return None
+    (psize,) = struct.unpack_from("=I", buf, _META_PSIZE)
+    last_pg, txnid = struct.unpack_from("=QQ", buf, _META_LAST_PG)
+    return version, psize, last_pg, txnid
+
+
+def check_lmdb_file(path: str, what: str = "LMDB") -> None:
+    """Refuse an LMDB directory whose ``data.mdb`` is shorter than its own meta pages say
+    (an incomplete copy or download): LMDB maps the file and a read past its end kills
+    the process with SIGBUS.  Reads the two meta pages with plain file reads (never
+    through the map), so the check itself cannot fault."""
+    data = os.path.join(path, "data.mdb")
+    try:
+        with open(data, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_META_END)
+            meta0 = _read_meta(head)
+            if meta0 is None:
+                if size < _META_END:
+                    raise DbError(f"{what} {path}: data.mdb is {size} bytes, too short to hold "
+                                  "LMDB's meta pages: truncated (an incomplete copy/download?)")
+                raise DbError(f"{what} {path}: no LMDB database: data.mdb is not an LMDB data "
+                              "file (no LMDB meta page at its start)")
+            version, psize = meta0[0], meta0[1]
+            if version != _MDB_DATA_VERSION or psize < 512 or psize & (psize - 1):
+                return      # a layout this check does not know: leave it to LMDB
+            f.seek(psize)
+            meta1 = _read_meta(f.read(_META_END))
+    except FileNotFoundError:
+        raise DbError(f"{what}: no LMDB database at {path}: not an LMDB (no data.mdb in "
+                      "it)") from None
+    except PermissionError:
+        raise DbError(f"{what}: no LMDB database at {path}: permission denied reading "
+                      "data.mdb") from None
+    except IsADirectoryError:
+        raise DbError(f"{what}: no LMDB database at {path}: not an LMDB (data.mdb is a "
+                      "directory)") from None
+    # the newer meta page is the one LMDB uses; the file must hold every page up to it
+    metas = [m for m in (meta0, meta1) if m is not None and m[1] == psize]
+    last_pg = max(metas, key=lambda m: m[3])[2]
+    need = max(last_pg + 1, 2) * psize
+    if size < need:
+        raise DbError(f"{what} {path}: data.mdb is {size} bytes but its last page ends at "
+                      f"{need}: truncated (an incomplete copy/download?)")
 
 
 _OPEN_ENVS: Dict[Tuple[int, str], Tuple[Tuple[int, ...], Any, Any]] = {}
@@ -83,12 +204,13 @@ def db_identity(path: str) -> Tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _reader(path: str, ident: Optional[Tuple[int, ...]] = None):
+def _reader(path: str, ident: Optional[Tuple[int, ...]] = None, what: str = "LMDB"):
     """One read-only LMDB environment + transaction per (process, path, db identity):
     py-lmdb refuses to open an environment twice in a process, handles must not
     cross a fork (DataLoader workers), and a db rebuilt at the same path (new
     inode, or rewritten: new mtime) is reopened instead of served from the old
-    snapshot."""
+    snapshot.  Every (re)open first checks ``data.mdb`` for truncation
+    (:func:`check_lmdb_file`)."""
     key = (os.getpid(), os.path.realpath(path))
     ident = ident if ident is not None else db_identity(path)
     entry = _OPEN_ENVS.get(key)
@@ -98,6 +220,7 @@ def _reader(path: str, ident: Optional[Tuple[int, ...]] = None):
         old_env.close()
         entry = None
     if entry is None:
+        check_lmdb_file(path, what)
         env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False,
                         max_readers=1024)
         entry = (ident, env, env.begin(buffers=False))
@@ -109,8 +232,11 @@ class _LazyEnv:
     """Read-only LMDB handle opened lazily per process (safe with forked DataLoader workers)."""
 
     def __init__(self, path: str, what: str):
-        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "data.mdb")):
-            raise DbError(f"{what}: no LMDB database at {path}")
+        problem = _dir_problem(path)
+        if problem is not None:
+            raise DbError(f"{what}: no LMDB database at {path}: {problem}")
+        # data.mdb present, readable and as long as its meta pages say (else DbError)
+        check_lmdb_file(path, what)
         self.path = path
         self.what = what
 
@@ -119,7 +245,7 @@ class _LazyEnv:
 
     def get(self, key: str) -> bytes:
         try:
-            val = _reader(self.path).get(key.encode("utf-8"))
+            val = _reader(self.path, what=self.what).get(key.encode("utf-8"))
         except lmdb.Error as e:
             raise DbError(f"{self.what} {self.path}: LMDB error reading key {key!r}: {e}") from None
         if val is None:
@@ -139,6 +265,10 @@ class TxtTokLmdb:
     def __init__(self, db_dir: str, max_txt_len: int = 60):
         self.db_dir = os.path.normpath(db_dir)
         what = "text db"
+        problem = _dir_problem(self.db_dir)
+        if problem is not None:
+            raise DbError(f"text db {self.db_dir}: {problem} (a text db is a directory holding "
+                          f"{self.id2len_file}, meta.json and an LMDB)")
         id2len = _load_json(os.path.join(self.db_dir, self.id2len_file), what)
         if not isinstance(id2len, dict):
             raise DbError(f"text db {self.db_dir}: id2len.json must map id -> length")
@@ -176,10 +306,7 @@ class TxtTokLmdb:
         if not isinstance(dump, dict) or "input_ids" not in dump or "img_fname" not in dump:
             raise DbError(f"text db {self.db_dir}: record {id_!r} lacks input_ids/img_fname")
         ids = dump["input_ids"]
-        if (not isinstance(ids, (list, tuple)) or
-                not all(isinstance(t, int) and t >= 0 for t in ids)):
-            raise DbError(f"text db {self.db_dir}: record {id_!r} input_ids must be a list "
-                          "of non-negative ints")
+        check_token_ids(ids, f"text db {self.db_dir}: record {id_!r}")
         expect = self.id2len.get(id_)
         if expect is not None and expect != len(ids):
             raise DbError(f"text db {self.db_dir}: record {id_!r} has {len(ids)} tokens but "
@@ -221,6 +348,9 @@ class DetectFeatLmdb:
                  img_dim: Optional[int] = None,
                  cache_mb: float = 256.0):
         self.img_dir = os.path.normpath(img_dir)
+        problem = _dir_problem(self.img_dir)
+        if problem is not None:
+            raise DbError(f"image db {self.img_dir}: {problem}")
         # decoded, validated records (LRU, bounded by bytes; per process)
         self._cache: "OrderedDict[Tuple[str, bool], Dict[str, np.ndarray]]" = OrderedDict()
         self._cache_bytes, self._cache_max = 0, int(cache_mb * 2**20)
@@ -245,6 +375,13 @@ class DetectFeatLmdb:
             self._fixed_nbb = None
             self.name2nbb = None  # type: ignore[assignment]
         self.db_path = os.path.join(self.img_dir, name)
+        if not os.path.lexists(self.db_path):
+            found = sorted(n for n in os.listdir(self.img_dir)
+                           if n.startswith(("feat_", "all")) and
+                           os.path.isdir(os.path.join(self.img_dir, n)))
+            raise DbError(f"image db: no LMDB database at {self.db_path}: missing (the box "
+                          f"rule and compressed flag name it; {self.img_dir} holds "
+                          f"{found or 'no feat_*/all* db'})")
         self._env = _LazyEnv(self.db_path, "image db")
         self._nbb_path = nbb_path if self.name2nbb is not None else None
         if self.name2nbb is None and self._fixed_nbb is None:
@@ -296,17 +433,31 @@ class DetectFeatLmdb:
     def _raw(self, fname: str, keys: Iterable[str] = ("conf",)) -> Dict[str, np.ndarray]:
         """Decode the requested arrays of one record (absent keys are left out)."""
         raw = self._env.get(fname)
+        where = f"image db {self.db_path}: record {fname!r}"
         try:
             if self.compress:
+                # allow_pickle=False: an object array raises instead of unpickling
                 with io.BytesIO(raw) as reader, np.load(reader, allow_pickle=False) as npz:
                     dump = {k: npz[k] for k in keys if k in npz.files}
             else:
-                dump = msgpack.loads(raw, raw=False, object_hook=msgpack_numpy.decode)
+                # plain msgpack, then our numeric-only decoding (never msgpack_numpy.decode,
+                # which unpickles object arrays)
+                dump = msgpack.loads(raw, raw=False)
+                if isinstance(dump, dict):
+                    dump = {k: decode_msgpack_numpy(v, f"field {k!r}") for k, v in dump.items()}
+        except _Refused as e:
+            raise DbError(f"{where}: {e}") from None
         except Exception as e:
             raise DbError(f"image db {self.db_path}: corrupt record {fname!r} "
                           f"({type(e).__name__}: {e})") from None
         if not isinstance(dump, dict):
-            raise DbError(f"image db {self.db_path}: record {fname!r} is not a dict")
+            raise DbError(f"{where} is not a dict")
+        for k, v in dump.items():
+            if isinstance(v, np.ndarray) and (v.dtype.kind not in _NUMERIC_KINDS
+                                              or v.dtype.fields is not None):
+                raise DbError(f"{where}: field {k!r} has dtype {v.dtype} (kind "
+                              f"{v.dtype.kind!r}): refused (a db must hold numeric arrays "
+                              "only)")
         return dump
 
     def get_dump(self, fname: str, with_soft_labels: bool = True) -> Dict[str, np.ndarray]:
@@ -344,7 +495,12 @@ class DetectFeatLmdb:
         for key in need:
             if key not in dump:
                 raise DbError(f"{where} lacks {key!r}")
-            arr = np.asarray(dump[key])
+            try:
+                arr = np.asarray(dump[key])
+            except ValueError as e:     # a ragged list from a foreign writer
+                raise DbError(f"{where}: {key} is not an array ({e})") from None
+            if arr.dtype.kind not in "biuf":
+                raise DbError(f"{where}: {key} has dtype {arr.dtype}; real numbers expected")
             if arr.ndim != 2:
                 raise DbError(f"{where}: {key} must be 2-D, got shape {arr.shape}")
             if arr.shape[0] < nbb:
@@ -366,6 +522,115 @@ class DetectFeatLmdb:
     def __getitem__(self, fname: str) -> Tuple[np.ndarray, np.ndarray]:
         d = self.get_dump(fname, with_soft_labels=False)
         return d["features"], d["norm_bb"]
+
+
+# ----------------------------------------------------------------------------- msgpack-numpy
+
+#: dtype kinds a db array may have: bool, signed/unsigned int, float, complex
+_NUMERIC_KINDS = "biufc"
+_REFUSED = "refused (a db must hold numeric arrays only"
+
+
+class _Refused(DbError):
+    """A msgpack-numpy entry that :func:`decode_msgpack_numpy` will not decode (the
+    readers re-raise it as a :class:`DbError` naming the db and the record)."""
+
+
+def _entry_get(obj: Dict[Any, Any], name: str, where: str) -> Any:
+    """``obj[b'name']``, or ``obj['name']`` (a db written without bin types)."""
+    for k in (name.encode("ascii"), name):
+        if k in obj:
+            return obj[k]
+    raise _Refused(f"{where}: malformed msgpack-numpy entry (no {name!r})")
+
+
+def _numeric_dtype(descr: Any, where: str) -> np.dtype:
+    """The dtype of a dtype string (``'<f2'``, ``'|b1'``, ...), numeric kinds only;
+    never a list description (that is a structured array)."""
+    if isinstance(descr, bytes):
+        descr = descr.decode("ascii", "replace")
+    if not isinstance(descr, str):
+        raise _Refused(f"{where}: dtype description {descr!r} is not a dtype string: "
+                       f"{_REFUSED})")
+    try:
+        dt = np.dtype(descr)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise _Refused(f"{where}: unknown dtype {descr!r} ({e})") from None
+    if dt.kind not in _NUMERIC_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise _Refused(f"{where}: dtype {descr!r} (kind {dt.kind!r}) {_REFUSED})")
+    return dt
+
+
+def _decode_entry(obj: Dict[Any, Any], where: str) -> Any:
+    """One msgpack-numpy dict (``nd``: True = array, False = scalar; or ``complex``)."""
+    def has(name):
+        return name.encode("ascii") in obj or name in obj
+
+    if has("nd"):
+        nd = _entry_get(obj, "nd", where)
+        if nd is True:
+            kind = obj.get(b"kind", obj.get("kind", b""))
+            if isinstance(kind, str):
+                kind = kind.encode("ascii", "replace")
+            if kind == b"O":
+                raise _Refused(f"{where}: object array {_REFUSED}; decoding it would run "
+                               "pickle)")
+            if kind == b"V":
+                raise _Refused(f"{where}: structured (kind 'V') array {_REFUSED})")
+            if kind != b"":
+                raise _Refused(f"{where}: array of unknown kind {kind!r} {_REFUSED})")
+            dt = _numeric_dtype(_entry_get(obj, "type", where), where)
+            shape = _entry_get(obj, "shape", where)
+            if (not isinstance(shape, (list, tuple)) or
+                    not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                            for n in shape)):
+                raise _Refused(f"{where}: bad array shape {shape!r}")
+            data = _entry_get(obj, "data", where)
+            if not isinstance(data, (bytes, bytearray)):
+                raise _Refused(f"{where}: array data is {type(data).__name__}, not bytes")
+            count = 1
+            for n in shape:
+                count *= n
+            if len(data) != count * dt.itemsize:
+                raise _Refused(f"{where}: array data is {len(data)} bytes but shape "
+                               f"{list(shape)} of {dt} needs {count * dt.itemsize}")
+            return np.frombuffer(data, dtype=dt).reshape(shape)
+        if nd is False:
+            dt = _numeric_dtype(_entry_get(obj, "type", where), where)
+            data = _entry_get(obj, "data", where)
+            if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+                raise _Refused(f"{where}: a {dt} scalar needs {dt.itemsize} bytes of data, got "
+                               f"{data!r:.40}")
+            return np.frombuffer(data, dtype=dt)[0]
+        raise _Refused(f"{where}: malformed msgpack-numpy entry ('nd' is {nd!r})")
+    if has("complex"):
+        data = _entry_get(obj, "data", where)
+        if isinstance(data, bytes):
+            data = data.decode("ascii", "replace")
+        if not isinstance(data, str):
+            raise _Refused(f"{where}: complex number data is {type(data).__name__}")
+        try:
+            return complex(data)
+        except ValueError:
+            raise _Refused(f"{where}: bad complex number {data!r:.40}") from None
+    return obj
+
+
+def decode_msgpack_numpy(obj: Any, where: str = "value") -> Any:
+    """Decode msgpack-numpy's encoding in a value that ``msgpack.loads(raw, raw=False)``
+    returned (no object hook), like ``object_hook=msgpack_numpy.decode`` but numeric
+    arrays and scalars only: an object array (which msgpack-numpy would unpickle), a
+    structured array or any other dtype kind than b/i/u/f/c raises.  Any dict with an
+    ``nd`` or ``complex`` key is taken as an encoded value and must be a valid one.
+    Arrays are read-only views of the record's bytes, as msgpack-numpy's.
+
+    Raises :class:`DbError` naming ``where``; the readers add the db and the record."""
+    if isinstance(obj, dict):
+        obj = {k: decode_msgpack_numpy(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return _decode_entry(obj, where)
+    if isinstance(obj, list):
+        return [decode_msgpack_numpy(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
 
 
 # ----------------------------------------------------------------------------- writers

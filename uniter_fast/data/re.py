@@ -38,7 +38,15 @@ from torch.utils.data import Dataset
 
 from .collate import _common
 from .datasets import img_pos_feat
-from .db import DbError, DetectFeatLmdb, TxtTokLmdb, _atomic_json, _load_json, write_txt_db
+from .db import (
+    DbError,
+    DetectFeatLmdb,
+    TxtTokLmdb,
+    _atomic_json,
+    _load_json,
+    check_token_ids,
+    write_txt_db,
+)
 
 __all__ = ["ReTxtTokLmdb", "ReDetectFeatTxtTokDataset", "ReDataset", "ReEvalDataset",
            "re_collate", "re_eval_collate", "compute_iou", "re_gt_img_name", "re_det_img_name",
@@ -125,10 +133,7 @@ class ReTxtTokLmdb(TxtTokLmdb):
         missing = [k for k in ("input_ids", "image_id", "ann_id", "bbox") if k not in dump]
         if missing:
             raise DbError(f"{where} lacks {missing}")
-        ids = dump["input_ids"]
-        if (not isinstance(ids, (list, tuple)) or not ids
-                or not all(isinstance(t, int) and t >= 0 for t in ids)):
-            raise DbError(f"{where}: input_ids must be a non-empty list of non-negative ints")
+        check_token_ids(dump["input_ids"], where, nonempty=True)
         box = dump["bbox"]
         if (not isinstance(box, (list, tuple)) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from .collate import _common
 from .datasets import img_pos_feat
-from .db import DbError, DetectFeatLmdb, TxtTokLmdb, _atomic_json, write_txt_db
+from .db import DbError, DetectFeatLmdb, TxtTokLmdb, _atomic_json, check_token_ids, write_txt_db
 
 __all__ = ["VcrTxtTokLmdb", "VcrDetectFeatTxtTokDataset", "VcrDataset", "VcrEvalDataset",
            "vcr_collate", "vcr_eval_collate", "write_vcr_txt_db", "VCR_TASKS",
@@ -72,16 +72,14 @@ class VcrTxtTokLmdb(TxtTokLmdb):
         if missing:
             raise DbError(f"{where} lacks {missing}")
 
-        def tokens(x):
-            return isinstance(x, (list, tuple)) and all(isinstance(t, int) and t >= 0 for t in x)
-
-        if not tokens(dump["input_ids"]) or not dump["input_ids"]:
-            raise DbError(f"{where}: input_ids (the question) must be a non-empty list of "
-                          "non-negative ints")
+        # the question, then each answer / rationale: lists of non-negative ints (not bools)
+        check_token_ids(dump["input_ids"], where, "input_ids (the question)", nonempty=True)
         for key in ("input_ids_as", "input_ids_rs"):
             ch = dump[key]
-            if not isinstance(ch, (list, tuple)) or len(ch) != _N_CHOICES or not all(map(tokens, ch)):
+            if not isinstance(ch, (list, tuple)) or len(ch) != _N_CHOICES:
                 raise DbError(f"{where}: {key} must be {_N_CHOICES} lists of token ids")
+            for j, ids in enumerate(ch):
+                check_token_ids(ids, where, f"{key}[{j}]")
         for key in ("qa_target", "qar_target"):
             t = dump[key]
             if not isinstance(t, int) or isinstance(t, bool) or not -1 <= t < _N_CHOICES:
