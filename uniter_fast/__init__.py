@@ -3,8 +3,9 @@
 Drop-in for the original UNITER code::
 
     from uniter_fast import UniterConfig, UniterForPretraining   # was: from model.pretrain import ...
-    model = UniterForPretraining.from_pretrained("uniter-base.json", torch.load("uniter-base.pt"),
-                                                 img_dim=2048, img_label_dim=1601)
+    model = UniterForPretraining.from_pretrained(
+        "uniter-base.json", torch.load("uniter-base.pt", weights_only=True),
+        img_dim=2048, img_label_dim=1601)
 """
 import importlib.util as _ilu
 import os as _os

@@ -20,17 +20,34 @@ tag, the free space and the intact tag ``latest`` still names.
 
 Loading (:func:`load`): the manifest is verified first (sizes and checksums,
 split over the ranks), then the stored settings are compared with the running
-ones, and only then DeepSpeed loads the tag.  A damaged tag stops with a
-:class:`CheckpointError` naming the file and the newest intact tag.
+ones, then every ``.pt`` file of the tag passes a safe load (:func:`check_tag_safe`), and
+only then DeepSpeed loads the tag.  A damaged tag stops with a :class:`CheckpointError`
+naming the file and the newest intact tag.
+
+Safe loading: a checkpoint directory never runs code.  DeepSpeed (``load_checkpoint``,
+``zero_to_fp32``) unpickles its files with the full pickle machinery, which runs whatever a
+planted payload asks for, and the manifest is no defence (its checksums can be rewritten).
+So before anything unpickles a tag, each of its ``.pt`` files is loaded with
+``weights_only=True`` (torch's restricted unpickler: tensors and plain containers) plus
+exactly the globals in :data:`SAFE_GLOBALS`, what DeepSpeed and torch store in our
+checkpoints; anything else is refused with :class:`UnsafeCheckpointError` naming the file
+and the global.  ``--trust_checkpoint`` (:func:`trust_checkpoints`) skips the check for a
+checkpoint the user made.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import importlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
+import warnings
+import zipfile
 import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -40,7 +57,9 @@ import torch.distributed as dist
 __all__ = ["CheckpointError", "CheckpointSaveError", "LATEST", "MANIFEST", "METRICS_FILE",
            "save", "load", "load_latest", "read_latest", "write_latest", "tag_for_step",
            "list_tags", "read_manifest", "verify_tag", "newest_intact_tag", "check_output_dir",
-           "check_settings", "run_settings", "ds_settings", "stored_settings", "param_group_names", "checksum_file"]
+           "check_settings", "run_settings", "ds_settings", "stored_settings", "param_group_names", "checksum_file",
+           "UnsafeCheckpointError", "SAFE_GLOBALS", "TRUST_FLAG", "safe_load", "check_file_safe",
+           "check_tag_safe", "trust_checkpoints", "trusting", "trusted"]
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -57,6 +76,11 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed; ``latest`` still names the previous intact one."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that does not pass the safe load: it holds a global outside
+    :data:`SAFE_GLOBALS` (loading it could run code), or it is no checkpoint file at all."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -535,15 +559,210 @@ def _prune(ckpt_dir: str, step: int, keep: int) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- safe loading
+
+#: every global the pickles of our checkpoints hold beyond what torch's ``weights_only``
+#: unpickler accepts by itself (tensors, storages, torch dtypes, dicts, lists, tuples, sets,
+#: OrderedDict, str/int/float/bool/None): name as the pickle spells it -> where it comes
+#: from.  Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on real
+#: checkpoints (DeepSpeed 0.19.8, torch 2.13: pretraining under ZeRO 0/1/2/3 x fp32/bf16/
+#: fp16, one and two ranks; fine-tuning ZeRO 0/2/3); each is a small data holder whose
+#: construction runs no code of the file's choosing.
+SAFE_GLOBALS: Dict[str, str] = {
+    # DeepSpeed's ZeRO-1/2/3 optimizer state files (*_optim_states.pt)
+    "deepspeed.runtime.zero.config.ZeroStageEnum":
+        "ZeRO-1/2/3 optimizer states: 'zero_stage' (an Enum of ints)",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler":
+        "ZeRO-1/2/3 optimizer states in fp32 and bf16: 'loss_scaler' (static scale)",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler":
+        "ZeRO-1/2/3 optimizer states in fp16: 'loss_scaler' (dynamic scale)",
+    "deepspeed.utils.tensor_fragment.fragment_address":
+        "ZeRO-1/2 optimizer states: 'param_slice_mappings' (a dataclass of two ints)",
+    # checkpoints written before the trainer stored NumPy's RNG state as a plain list
+    # (model states files, client state 'rng'): a uint32 array.  Kept so those runs resume
+    # and export; nothing written now holds them.
+    "numpy._core.multiarray._reconstruct":
+        "model states of older checkpoints: NumPy's RNG key array (NumPy 2 spelling)",
+    "numpy.core.multiarray._reconstruct":
+        "model states of older checkpoints: the same function as NumPy 1 spells it",
+    "numpy.ndarray": "model states of older checkpoints: NumPy's RNG key array",
+    "numpy.dtype": "model states of older checkpoints: the key array's dtype (uint32)",
+    "numpy.dtypes.UInt32DType": "model states of older checkpoints: the uint32 dtype's class "
+                                "(set when the dtype is rebuilt)",
+}
+
+#: the command-line opt-in that skips the check (train.py, finetune.py, infer, export to-pt)
+TRUST_FLAG = "--trust_checkpoint"
+
+_trust_default = False
+
+
+def trust_checkpoints(on: bool = True) -> None:
+    """The process-wide default of ``trust`` (set from ``--trust_checkpoint`` by the command
+    lines): checkpoint directories are loaded without the safe check, for a run the user
+    made themselves that holds something outside :data:`SAFE_GLOBALS`."""
+    global _trust_default
+    _trust_default = bool(on)
+
+
+@contextlib.contextmanager
+def trusting(on: bool):
+    """:func:`trust_checkpoints` for the duration of a ``with`` block (then as before)."""
+    global _trust_default
+    before, _trust_default = _trust_default, bool(on)
+    try:
+        yield
+    finally:
+        _trust_default = before
+
+
+def trusted(trust: Optional[bool] = None) -> bool:
+    """``trust`` itself, or the process-wide default (:func:`trust_checkpoints`) when None."""
+    return _trust_default if trust is None else bool(trust)
+
+
+def _resolve(name: str) -> Any:
+    """The object a pickle's ``module.qualname`` names (None: not importable here)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            with warnings.catch_warnings():     # numpy.core: a deprecated alias in NumPy 2
+                warnings.simplefilter("ignore")
+                obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for p in parts[cut:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed() -> Tuple[Tuple[Any, str], ...]:
+    """:data:`SAFE_GLOBALS` as ``(object, name)`` pairs for ``torch.serialization.safe_globals``."""
+    return tuple((obj, name) for name in SAFE_GLOBALS
+                 if (obj := _resolve(name)) is not None)
+
+
+_ADVICE = re.compile(r"\s*(Please use `torch\.serialization|Check the documentation|"
+                     r"Re-running `torch\.load`)")
+
+
+def _reason(path: str, e: BaseException) -> str:
+    """The cause torch gives, without its advice (never "weights_only=False")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        return "not a file torch.save writes: neither a complete zip archive nor a pickle"
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = _ADVICE.split(text.strip(), maxsplit=1)[0].strip()
+    text = " ".join(text.split())[:300]
+    name = type(e).__name__
+    if not text or "weights_only" in text or "trust" in text:
+        return name
+    return text if isinstance(e, pickle.UnpicklingError) else f"{name}: {text}"
+
+
+def _offending(path: str, e: BaseException) -> List[str]:
+    """The globals (or built types) of ``path`` outside the allow-list."""
+    found: List[str] = []
+    try:
+        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                 if g not in SAFE_GLOBALS]
+    except Exception:       # not a zip checkpoint: what the unpickler said
+        pass
+    text = str(e)
+    found += [g for g in re.findall(r"GLOBAL ([\w.]+) was not an allowed global", text)
+              if g not in found]
+    found += [g for g in re.findall(r"but got <class '([\w.]+)'>", text) if g not in found]
+    return found
+
+
+def _refusal(path: str, e: BaseException, expect: str, hint: str) -> UnsafeCheckpointError:
+    bad = _offending(path, e)
+    if bad:
+        which = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        return UnsafeCheckpointError(
+            f"checkpoint file {path} holds {which}, which {'is' if len(bad) == 1 else 'are'} "
+            "not on the allow-list of what DeepSpeed and torch store: refused (loading it "
+            f"could run code). {hint}".strip())
+    return UnsafeCheckpointError(f"{path} is not {expect} ({_reason(path, e)}); not loaded")
+
+
+#: what a tag's files are, and the way out, in a refusal
+_TAG_EXPECT = "a checkpoint file of the expected kind (a DeepSpeed model or optimizer state)"
+_TAG_HINT = (f"If you made this checkpoint yourself (e.g. with another DeepSpeed version that "
+             f"stores other types), pass {TRUST_FLAG} to load it as it is.")
+
+
+def safe_load(path: str, expect: str = _TAG_EXPECT, hint: str = _TAG_HINT,
+              mmap: bool = False) -> Any:
+    """``torch.load(path)`` on the CPU with ``weights_only=True`` and :data:`SAFE_GLOBALS`
+    allowed; anything else raises :class:`UnsafeCheckpointError` naming the file and the
+    global (``expect``: what the file should be, ``hint``: the way out).  ``mmap``: map the
+    tensors instead of reading them (a check that keeps memory low)."""
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(list(_allowed())):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:      # UnpicklingError, RuntimeError (zip), KeyError, EOFError, ...
+        err = _refusal(path, e, expect, hint)
+    raise err
+
+
+def check_file_safe(path: str) -> None:
+    """:func:`safe_load` of one file (tensors memory-mapped, the result dropped)."""
+    safe_load(path, mmap=True)
+
+
+def _pt_files(tag_dir: str) -> List[str]:
+    return [rel for rel in _tag_files(tag_dir) if rel.endswith(".pt")]
+
+
+def check_tag_safe(tag_dir: str, share: Optional[Tuple[int, int]] = None) -> List[str]:
+    """Refusals of a tag's ``.pt`` files (``[]``: every one passes the safe load).
+    ``share=(rank, world)`` checks every ``world``-th file from ``rank`` on."""
+    files = _pt_files(tag_dir)
+    if share is not None:
+        files = files[share[0]::share[1]]
+    problems = []
+    for rel in files:
+        try:
+            check_file_safe(os.path.join(tag_dir, rel))
+        except UnsafeCheckpointError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _check_safe_collective(ckpt_dir: str, tag: str) -> None:
+    """:func:`check_tag_safe` split over the ranks; every rank raises the first refusal."""
+    mine = check_tag_safe(os.path.join(ckpt_dir, tag), share=(_rank(), _world()))
+    problems = sorted(p for ps in _all_gather(mine) for p in ps)
+    _raise_if_any(problems, UnsafeCheckpointError)
+
+
 # ----------------------------------------------------------------------------- load
 
-def load(engine, ckpt_dir: str, tag: str, settings: Optional[Dict[str, Any]] = None
-         ) -> Dict[str, Any]:
-    """Verify ``tag`` (manifest), check its settings, then load it; returns the client
-    state.  Collective: call on every rank."""
+def load(engine, ckpt_dir: str, tag: str, settings: Optional[Dict[str, Any]] = None,
+         trust: Optional[bool] = None) -> Dict[str, Any]:
+    """Verify ``tag`` (manifest), check its settings and that every file passes the safe
+    load (unless ``trust``: :func:`trusted`), then load it; returns the client state.
+    Collective: call on every rank."""
     man = _verify_collective(ckpt_dir, tag)
     if man.get("settings"):
         check_settings(man["settings"], settings or run_settings(engine), ckpt_dir, tag)
+    if not trusted(trust):
+        _check_safe_collective(ckpt_dir, tag)
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")

@@ -15,6 +15,9 @@ JSON, VE ``{id: label}``, NLVR2 the ``identifier,True|False`` CSV, retrieval the
 matrix and recalls, RE the predicted boxes, VCR the scores and leaderboard CSV.  A
 progress bar shows the rate; when the db has labels the task metric is printed.  One
 process; on a GPU machine it runs on the GPU (``--precision`` fp32/bf16/fp16 autocast).
+A checkpoint's files pass a safe load (``weights_only`` plus the allow-list of what
+DeepSpeed and torch store) before anything unpickles them; ``--trust_checkpoint`` skips
+that check for a run you made yourself.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import checkpoint as ckpt_lib
 from .tasks import FinetuneTask, task_from_argv, task_names
 from .tasks.inference import inference_config, resolve_checkpoint
 
@@ -57,6 +61,10 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load a DeepSpeed checkpoint's files as DeepSpeed does (full "
+                        "unpickling) without the safe check: only for a run you made yourself "
+                        "whose files hold types outside the allow-list (docs/reliability.md)")
     if task is not None:
         task.add_infer_args(p)
     return p
@@ -64,10 +72,12 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
 
 def run_inference(task: FinetuneTask, args: argparse.Namespace) -> Dict[str, Any]:
     """``task``'s inference as ``args`` says; the summary the command prints."""
-    source = resolve_checkpoint(args.checkpoint, args.tag)
-    cfg = inference_config(args, source, task)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return task.infer(args, cfg, source, device)
+    # --trust_checkpoint: for every load of this inference (the tasks load the weights)
+    with ckpt_lib.trusting(getattr(args, "trust_checkpoint", False)):
+        source = resolve_checkpoint(args.checkpoint, args.tag)
+        cfg = inference_config(args, source, task)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return task.infer(args, cfg, source, device)
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@ names (for the pretraining model both tied weights present), loadable by the
 original code with ``strict=True``.  It always exports the fp32 master weights
 (:func:`consolidate`): ZeRO-1/2/3 checkpoints are consolidated from their fp32
 partitions, ZeRO-0 bf16/fp16 ones from the optimizer's fp32 copy, ZeRO-0 fp32
-ones from the module.  The tag's manifest is verified first; a tag that lacks
+ones from the module.  The tag's manifest is verified first, then every file passes the
+safe load (:func:`uniter_fast.checkpoint.check_tag_safe`); a tag that lacks
 a file (e.g. a save killed between DeepSpeed's writes) or whose masters cannot
 be found is refused -- never a silent bf16 export (``allow_module_weights``
 exports the half-precision module weights on purpose).  What a fine-tuned model
@@ -117,10 +118,13 @@ def _zero0_masters(state: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]
 
 
 def consolidate(ckpt_dir: str, tag: Optional[str] = None,
-                allow_module_weights: bool = False, fill_tied: bool = True
-                ) -> Dict[str, torch.Tensor]:
+                allow_module_weights: bool = False, fill_tied: bool = True,
+                trust: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """fp32 (master) state dict of a DeepSpeed checkpoint (any ZeRO stage), verified.
-    ``fill_tied``: add the pretraining model's tied weights (not for fine-tuning models)."""
+    ``fill_tied``: add the pretraining model's tied weights (not for fine-tuning models).
+    Every ``.pt`` file of the tag passes the safe load (weights_only plus
+    :data:`~uniter_fast.checkpoint.SAFE_GLOBALS`) before anything unpickles it, unless
+    ``trust`` (default: :func:`~uniter_fast.checkpoint.trusted`, ``--trust_checkpoint``)."""
     tag = tag or ckpt_lib.read_latest(ckpt_dir)
     if tag is None:
         tags = ckpt_lib.list_tags(ckpt_dir)
@@ -136,7 +140,14 @@ def consolidate(ckpt_dir: str, tag: Optional[str] = None,
     if problems:
         print(f"warning: {tag_dir} has no {ckpt_lib.MANIFEST}: not verified", file=sys.stderr)
     mfile = _model_states_file(tag_dir)
-    state = torch.load(mfile, map_location="cpu", weights_only=False)
+    if ckpt_lib.trusted(trust):         # the user's own run: DeepSpeed's full unpickling
+        state = torch.load(mfile, map_location="cpu", weights_only=False)
+    else:
+        # zero_to_fp32 below unpickles every file fully: each must pass the safe load first
+        bad = ckpt_lib.check_tag_safe(tag_dir)
+        if bad:
+            raise ckpt_lib.UnsafeCheckpointError(bad[0])
+        state = ckpt_lib.safe_load(mfile)
     stage, precision = _stage_and_precision(state)
     world = int(state.get("dp_world_size") or 1)
     where = f"checkpoint {tag_dir} (ZeRO-{stage}, {precision})"
@@ -189,14 +200,15 @@ def consolidate(ckpt_dir: str, tag: Optional[str] = None,
 
 def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
           allow_module_weights: bool = False, fill_tied: bool = True,
-          check: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None
-          ) -> Dict[str, torch.Tensor]:
+          check: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
+          trust: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Write the fp32 state dict of a DeepSpeed checkpoint to ``out_path`` (atomically).
 
     ``fill_tied``: add the pretraining model's tied weights (off for a fine-tuned model,
     whose state dict holds exactly its own keys); ``check``: called with the state dict
-    before anything is written (e.g. a task's key check), raises to refuse."""
-    sd = consolidate(ckpt_dir, tag, allow_module_weights, fill_tied=fill_tied)
+    before anything is written (e.g. a task's key check), raises to refuse; ``trust``: see
+    :func:`consolidate`."""
+    sd = consolidate(ckpt_dir, tag, allow_module_weights, fill_tied=fill_tied, trust=trust)
     if check is not None:
         check(sd)
     for k, v in sd.items():
@@ -208,9 +220,23 @@ def to_pt(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     return sd
 
 
+#: what a plain state dict file is, in a refusal
+PT_EXPECT = ("a plain state dict (a .pt file of tensors by name, as torch.save(model."
+             "state_dict()) or python -m uniter_fast.export to-pt write it)")
+_PT_HINT = ("A plain state dict holds tensors only (python -m uniter_fast.export to-pt "
+            "writes one from a DeepSpeed checkpoint).")
+
+
 def load_state_dict_file(pt_path: str) -> Dict[str, torch.Tensor]:
-    """A plain state dict file (``.pt``; tensors only: ``weights_only=True``)."""
-    return torch.load(pt_path, map_location="cpu", weights_only=True)
+    """A plain state dict file (``.pt``), always loaded safely: ``weights_only=True`` with
+    :data:`~uniter_fast.checkpoint.SAFE_GLOBALS` allowed (a DeepSpeed model states file
+    passes too); anything else raises :class:`~uniter_fast.checkpoint.UnsafeCheckpointError`
+    naming the file, never torch's own advice."""
+    sd = ckpt_lib.safe_load(pt_path, expect=PT_EXPECT, hint=_PT_HINT)
+    if not isinstance(sd, dict):
+        raise ckpt_lib.UnsafeCheckpointError(
+            f"{pt_path} is not {PT_EXPECT}: it holds a {type(sd).__name__}, not a dict")
+    return sd
 
 
 def check_keys(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: str,

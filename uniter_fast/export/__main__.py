@@ -15,6 +15,11 @@ checkpoint (tag ``global_step0``) from a state dict: the pretraining model from
 or the task model as ``finetune.py`` does (continue with ``finetune.py --resume``).  To
 start multi-rank training from a .pt file, set the training config's ``checkpoint``
 instead (UNITER's way).
+
+Nothing is unpickled that could run code: every file of the tag passes a safe load
+(``weights_only`` plus the allow-list of what DeepSpeed and torch store) before ``to-pt``
+reads it, unless ``--trust_checkpoint`` (a run you made yourself); ``from-pt`` reads the
+``.pt`` file with the same safe load, always.
 """
 from __future__ import annotations
 
@@ -50,6 +55,10 @@ def main(argv=None) -> int:
     a.add_argument("--task", choices=models, default=PRETRAINING_MODEL,
                    help="the model the checkpoint holds (fine-tuning: its own keys, no "
                         "pretraining tied weights)")
+    a.add_argument("--trust_checkpoint", action="store_true",
+                   help="load the checkpoint's files as DeepSpeed does (full unpickling) "
+                        "without the safe check: only for a run you made yourself whose "
+                        "files hold types outside the allow-list (see docs/reliability.md)")
     b = sub.add_parser("from-pt", help="plain state dict (.pt) -> DeepSpeed checkpoint dir")
     b.add_argument("--task", choices=models, default=PRETRAINING_MODEL,
                    help="the model to build (fine-tuning tasks: from --config, default the "
@@ -63,7 +72,7 @@ def main(argv=None) -> int:
     if args.cmd == "to-pt":
         check = None if task is None else (lambda sd: task.check_state_dict(sd, args.ckpt_dir))
         sd = to_pt(args.ckpt_dir, args.out, args.tag, args.allow_module_weights,
-                   fill_tied=task is None, check=check)
+                   fill_tied=task is None, check=check, trust=args.trust_checkpoint)
         print(f"wrote {args.out}: {len(sd)} tensors, "
               f"{sum(v.numel() for v in sd.values())} values")
     else:

@@ -122,6 +122,16 @@ def build_arg_parser(description: str = "", default_config: Optional[str] = None
     p.add_argument("--resume_tag", default=None,
                    help="with --resume: continue from this checkpoint tag (e.g. global_step400) "
                         "instead of the one 'latest' names")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load checkpoint directories (--resume, a run directory as the "
+                        "config's checkpoint) as DeepSpeed does, without the safe check of "
+                        "their files: only for a run you made yourself whose files hold types "
+                        "outside the allow-list (docs/reliability.md)")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="with --resume: continue under a training / DeepSpeed config that "
+                        "differs from the run's (the old files are kept as "
+                        "train_config.step<N>.json / ds_config.step<N>.json and the change is "
+                        "logged); without it such a resume is refused")
     p.add_argument("--strict_config", action="store_true",
                    help="unknown keys in the training config or ds.json are an error, not a "
                         "warning")

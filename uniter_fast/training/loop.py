@@ -36,6 +36,7 @@ from .config import (
 from .distributed import barrier, init_distributed, setup_device
 from .engine import create_engine, full_state_dict
 from .metrics import MetricsWriter, RunningMean, progress_bar, rewind_jsonl
+from .resume_config import check_resume_configs, keep_old_configs
 from .signals import StopRequest
 from .task import RunContext, TrainTask
 
@@ -49,13 +50,17 @@ def set_seed(seed: int) -> None:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    # NumPy's state as plain ints (not its uint32 array): a checkpoint then holds nothing
+    # beyond tensors and containers (see checkpoint.SAFE_GLOBALS)
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, key.tolist(), int(pos), int(has_gauss), float(gauss)],
             "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(rs: Dict[str, Any]) -> None:
     random.setstate(rs["python"])
-    np.random.set_state(rs["numpy"])
+    np.random.set_state(tuple(rs["numpy"]))     # a list, or NumPy's tuple (older checkpoints)
     torch.set_rng_state(rs["torch"])
 
 
@@ -71,6 +76,9 @@ class Trainer:
     def setup(self, argv: Optional[List[str]] = None) -> None:
         task = self.task
         self.args = args = self.parser.parse_args(argv)
+        # --trust_checkpoint: every checkpoint this process loads (--resume, a run directory
+        # as the config's checkpoint) skips the safe check
+        ckpt_lib.trust_checkpoints(getattr(args, "trust_checkpoint", False))
         self.cfg, self.ds_config = load_configs(args, required=task.required_keys,
                                                 known_keys=task.known_keys)
         task.configure(self.cfg, self.ds_config, args)
@@ -130,15 +138,31 @@ class Trainer:
         self.resumed = False
         self.dropped_records = 0
         self.saved_step: Optional[int] = None
+        config_change: Dict[str, Any] = {}
         if self.resume_tag is not None:
+            # the configs as they will be written, against the run's, before the run dir
+            # changes: a change that alters what the steps taken mean needs
+            # --allow_config_change (and the old files are kept)
+            config_change = check_resume_configs(
+                self.out_dir, {"train_config.json": cfg, "ds_config.json": self.ds_config},
+                self.resume_tag, getattr(args, "allow_config_change", False))
             self._resume(self.resume_tag)
+        kept = {}
         if self.rank == 0:
+            if config_change:
+                kept = keep_old_configs(self.out_dir, config_change, self.resume_tag)
+                print(f"[{task.name}] --allow_config_change: resuming {self.resume_tag} under "
+                      f"changed settings {config_change}; the old configs are kept as "
+                      f"{sorted(kept.values())}", flush=True)
             with open(os.path.join(self.out_dir, "train_config.json"), "w") as f:
                 json.dump(cfg, f, indent=1)
             with open(os.path.join(self.out_dir, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=1)
         self.log = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl")
                                  if self.rank == 0 else None)
+        if config_change:
+            self.log({"event": "config_change", "step": self.global_step,
+                      "resumed_from": self.resume_tag, "changes": config_change, "kept": kept})
         self.rank_log = MetricsWriter(os.path.join(self.out_dir,
                                                    f"metrics_rank{self.rank}.jsonl")
                                       if args.debug_rank_files else None)
@@ -146,7 +170,8 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         """Load ``tag`` (verified, settings checked), then make ``latest`` name it and
         rewind the metrics files to its step, so the run reads as one."""
-        client = ckpt_lib.load(self.engine, self.ckpt_dir, tag, self.settings)
+        client = ckpt_lib.load(self.engine, self.ckpt_dir, tag, self.settings,
+                               trust=getattr(self.args, "trust_checkpoint", False))
         self.global_step = int(client.get("global_step", 0))
         self.resumed = self.global_step > 0
         if client.get("data") is not None:      # None: made by export from-pt

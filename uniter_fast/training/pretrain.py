@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from ..config import CONFIG_DIR
 from ..constants import IMG_DIM, IMG_LABEL_DIM
 from ..data import create_train_loader, create_val_loaders, task_of, text_meta
@@ -42,7 +40,8 @@ def build_model(cfg: Dict[str, Any], meta: Dict[str, Any]):
     label_dim = int(cfg.get("img_label_dim") or meta.get("img_label_dim") or IMG_LABEL_DIM)
     check_text_fits(config, meta, cfg)
     if cfg.get("checkpoint"):
-        state = torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)
+        from ..export import load_state_dict_file  # weights_only + the allow-list
+        state = load_state_dict_file(cfg["checkpoint"])
         model = UniterForPretraining.from_pretrained(config, state, img_dim=img_dim,
                                                      img_label_dim=label_dim)
     else:
