@@ -35,6 +35,13 @@ from .tasks.inference import inference_config, resolve_checkpoint
 __all__ = ["main", "build_parser", "run_inference"]
 
 
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser:
     """The command line of ``infer``: the shared options plus ``task``'s own."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -56,7 +63,7 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
     p.add_argument("--img_dim", type=int, default=None)
     p.add_argument("--compressed_db", default=None, action=argparse.BooleanOptionalAction,
                    help="image db layout (default: whichever exists)")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=_positive_int, default=None,
                    help=task.infer_batch_help if task is not None else "batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -65,6 +72,8 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
                    help="load a DeepSpeed checkpoint's files as DeepSpeed does (full "
                         "unpickling) without the safe check: only for a run you made yourself "
                         "whose files hold types outside the allow-list (docs/reliability.md)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace result files that exist (without it they are never replaced)")
     if task is not None:
         task.add_infer_args(p)
     return p

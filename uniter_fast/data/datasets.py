@@ -38,6 +38,13 @@ def img_pos_feat(norm_bb: torch.Tensor) -> torch.Tensor:
     return torch.cat([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:6]], dim=-1)
 
 
+def too_long_note(txt_db) -> str:
+    """", N longer than max_txt_len M were dropped" when the length limit dropped texts."""
+    n = getattr(txt_db, "n_too_long", 0)
+    return (f"; {n} texts longer than max_txt_len {txt_db.max_txt_len} were dropped"
+            if n else "")
+
+
 class DetectFeatTxtTokDataset(Dataset):
     task = "base"
 
@@ -53,7 +60,7 @@ class DetectFeatTxtTokDataset(Dataset):
         self.ids: List[str] = all_ids[rank::world_size]
         if not self.ids:
             raise ValueError(f"text db {txt_db.db_dir}: rank {rank}/{world_size} has no examples "
-                             f"({len(all_ids)} in total)")
+                             f"({len(all_ids)} in total{too_long_note(txt_db)})")
         txt2img = txt_db.txt2img
         try:
             self.img_fnames = [txt2img[i] for i in self.ids]

@@ -104,10 +104,11 @@ def _dir_problem(path: str) -> Optional[str]:
 
 
 def check_token_ids(ids: Any, where: str, field: str = "input_ids",
-                    nonempty: bool = False) -> None:
-    """``ids`` must be a list of non-negative ints; ``True``/``False`` are not token ids
-    (Python would take them as 1/0).  Raises :class:`DbError` naming ``where`` (the db
-    and the record), the field and the position of the first bad id."""
+                    nonempty: bool = False, upper: Optional[int] = None) -> None:
+    """``ids`` must be a list of non-negative ints (below ``upper``, the db's vocabulary
+    end, when given); ``True``/``False`` are not token ids (Python would take them as 1/0).
+    Raises :class:`DbError` naming ``where`` (the db and the record), the field and the
+    position of the first bad id."""
     if not isinstance(ids, (list, tuple)):
         raise DbError(f"{where}: {field} must be a list of token ids (non-negative ints), "
                       f"got {type(ids).__name__}")
@@ -119,6 +120,9 @@ def check_token_ids(ids: Any, where: str, field: str = "input_ids",
                           "id (a non-negative int)")
         if t < 0:
             raise DbError(f"{where}: {field}[{pos}] is {t}, a negative token id")
+        if upper is not None and t >= upper:
+            raise DbError(f"{where}: {field}[{pos}] is {t}, past the db's vocabulary "
+                          f"(meta.json v_range ends at {upper})")
 
 
 # ----------------------------------------------------------------------------- LMDB files
@@ -274,6 +278,8 @@ class TxtTokLmdb:
             raise DbError(f"text db {self.db_dir}: id2len.json must map id -> length")
         self.id2len = {k: int(v) for k, v in id2len.items()
                        if max_txt_len == -1 or int(v) <= max_txt_len}
+        #: the length limit and how many texts it dropped (UNITER drops, never truncates)
+        self.max_txt_len, self.n_too_long = int(max_txt_len), len(id2len) - len(self.id2len)
         meta = _load_json(os.path.join(self.db_dir, "meta.json"), what)
         for key in ("CLS", "SEP", "MASK", "v_range"):
             if key not in meta:
@@ -306,7 +312,7 @@ class TxtTokLmdb:
         if not isinstance(dump, dict) or "input_ids" not in dump or "img_fname" not in dump:
             raise DbError(f"text db {self.db_dir}: record {id_!r} lacks input_ids/img_fname")
         ids = dump["input_ids"]
-        check_token_ids(ids, f"text db {self.db_dir}: record {id_!r}")
+        check_token_ids(ids, f"text db {self.db_dir}: record {id_!r}", upper=self.v_range[1])
         expect = self.id2len.get(id_)
         if expect is not None and expect != len(ids):
             raise DbError(f"text db {self.db_dir}: record {id_!r} has {len(ids)} tokens but "

@@ -29,7 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .collate import _common
-from .datasets import DetectFeatTxtTokDataset
+from .datasets import DetectFeatTxtTokDataset, too_long_note
 from .db import DbError, DetectFeatLmdb, TxtTokLmdb
 from .task_common import read_record, stack_targets
 
@@ -62,7 +62,7 @@ class _Nlvr2Dataset(DetectFeatTxtTokDataset):
         self.ids: List[str] = all_ids[rank::world_size]
         if not self.ids:
             raise ValueError(f"text db {txt_db.db_dir}: rank {rank}/{world_size} has no examples "
-                             f"({len(all_ids)} in total)")
+                             f"({len(all_ids)} in total{too_long_note(txt_db)})")
         txt2img = txt_db.txt2img
         self.img_fnames: List[List[str]] = []
         for id_ in self.ids:

@@ -54,12 +54,15 @@ directory and renames it into place only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -377,19 +380,64 @@ def generate_synthetic(out_dir: str, spec: SyntheticSpec) -> Dict[str, str]:
             "val": os.path.join(out_dir, "txt_val.db")}
 
 
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """While a cache directory is built: SIGTERM (whose default kills the process before any
+    ``finally`` runs) raises ``SystemExit(143)`` instead, as SIGINT raises KeyboardInterrupt,
+    so the temporary directory is removed.  Only where SIGTERM still has its default
+    handler (a trainer's own stop handler is left alone) and in the main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _remove_orphaned_tmp(root: str, prefix: str) -> None:
+    """Temporary build directories ``<prefix><pid>-...`` of processes that no longer exist
+    (killed with SIGKILL, power loss): nobody will finish or remove them."""
+    for name in os.listdir(root):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except PermissionError:
+            pass                                   # alive, another user's
+
+
 def build_cached_dir(final: str, done: str, build: Callable[[str], None]) -> None:
     """Make the cache directory ``final`` once: ``build(tmp)`` fills a temporary directory
     beside it, which is then renamed into place, so ``final`` is complete or absent (a
     concurrent builder that got there first wins).  ``done`` (a file inside ``final``)
     marks it complete; if it exists nothing is built.  The temporary directory is removed
-    whatever happens."""
+    whatever happens (SIGINT and SIGTERM included); one left by a killed process is removed
+    by the next build."""
     if os.path.exists(done):
         return
     root = os.path.dirname(final)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-tmp-", dir=root)
+    prefix = f".{os.path.basename(final)}-tmp-"
     try:
-        build(tmp)
+        os.makedirs(root, exist_ok=True)
+        _remove_orphaned_tmp(root, prefix)
+        tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
+    except OSError as e:
+        raise OSError(f"cannot write the cache directory {root} ({e.strerror or e}): set "
+                      "UNITER_FAST_CACHE to a writable directory") from None
+    try:
+        with _stop_signals_raise():
+            build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -33,7 +33,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from .collate import _common
-from .datasets import img_pos_feat
+from .datasets import img_pos_feat, too_long_note
 from .db import DbError, DetectFeatLmdb, TxtTokLmdb, _atomic_json, check_token_ids, write_txt_db
 
 __all__ = ["VcrTxtTokLmdb", "VcrDetectFeatTxtTokDataset", "VcrDataset", "VcrEvalDataset",
@@ -112,7 +112,7 @@ class VcrDetectFeatTxtTokDataset(Dataset):
         self.ids = all_ids[rank::world_size]
         if not self.ids:
             raise ValueError(f"VCR text db {txt_db.db_dir}: rank {rank}/{world_size} has no "
-                             f"examples ({len(all_ids)} in total)")
+                             f"examples ({len(all_ids)} in total{too_long_note(txt_db)})")
         txt2img = txt_db.txt2img
         self.img_fnames = []
         for id_ in self.ids:

@@ -13,18 +13,21 @@ import torch
 
 from ..config import UniterConfig, config_path
 
-__all__ = ["load_model_config", "set_dropout", "check_text_fits", "DEFAULT_MAX_TXT_LEN"]
+__all__ = ["load_model_config", "model_config_path", "set_dropout", "check_text_fits", "DEFAULT_MAX_TXT_LEN"]
 
 #: ``max_txt_len`` of UNITER's training scripts when a config has none
 DEFAULT_MAX_TXT_LEN = 60
 
 
+def model_config_path(cfg: Dict[str, Any]) -> str:
+    """The JSON file of the training config's ``model_config`` (a path or a packaged name)."""
+    mc = cfg["model_config"]
+    return mc if os.path.exists(mc) else config_path(mc)
+
+
 def load_model_config(cfg: Dict[str, Any]) -> UniterConfig:
     """The training config's ``model_config``: a JSON path or a packaged name."""
-    mc = cfg["model_config"]
-    if not os.path.exists(mc):
-        mc = config_path(mc)
-    return UniterConfig(mc)
+    return UniterConfig(model_config_path(cfg))
 
 
 def set_dropout(model: torch.nn.Module, p: Optional[float]) -> None:

@@ -1,4 +1,5 @@
 """UNITER's joint vision-language encoder (``UniterModel``), drop-in for ``model/model.py``."""
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -13,9 +14,24 @@ from .layer import BertLayer, BertPooler, LayerNorm
 
 logger = logging.getLogger(__name__)
 
+#: > 0 while the caller loads the weights itself right after building (no random-init notice)
+_LOADING_NEXT = [0]
+
+
+@contextlib.contextmanager
+def weights_loaded_next():
+    """Build models with ``from_pretrained(config, None)`` without the "randomly initialised"
+    notice: the caller loads a checkpoint into them next (inference, export)."""
+    _LOADING_NEXT[0] += 1
+    try:
+        yield
+    finally:
+        _LOADING_NEXT[0] -= 1
+
 __all__ = ["UniterConfig", "UniterPreTrainedModel", "UniterTextEmbeddings",
            "UniterImageEmbeddings", "UniterEncoder", "UniterModel", "LoadReport",
-           "adapt_state_dict", "load_checkpoint", "encoder_prefix", "check_encoder_batch"]
+           "adapt_state_dict", "load_checkpoint", "hidden_size_mismatch", "encoder_prefix", "check_encoder_batch",
+           "weights_loaded_next"]
 
 
 def _load_config(config_file: Union[str, Dict[str, Any], UniterConfig]) -> UniterConfig:
@@ -64,10 +80,12 @@ class UniterPreTrainedModel(nn.Module):
         config = _load_config(config_file)
         model = cls(config, *inputs, **kwargs)
         if state_dict is None:
-            logger.warning("%s: no checkpoint given; every weight is randomly initialised",
-                           cls.__name__)
+            if not _LOADING_NEXT[0]:
+                logger.warning("%s: no checkpoint given; every weight is randomly initialised",
+                               cls.__name__)
             return model
-        load_checkpoint(model, state_dict)
+        load_checkpoint(model, state_dict,
+                        config_name=config_file if isinstance(config_file, str) else None)
         return model
 
 
@@ -176,8 +194,22 @@ def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module
     return adapted, renamed, from_bert
 
 
+def hidden_size_mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+                         ) -> Optional[Tuple[int, int]]:
+    """(checkpoint's hidden size, model's) when they differ, read off the word embeddings
+    (any prefix); None when they agree or cannot be told."""
+    def width(sd):
+        for k, v in sd.items():
+            if k.endswith("embeddings.word_embeddings.weight") and v.dim() == 2:
+                return int(v.shape[1])
+        return None
+    a, b = width(state), width(own)
+    return (a, b) if a is not None and b is not None and a != b else None
+
+
 def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *,
-                    require_encoder: bool = True) -> LoadReport:
+                    require_encoder: bool = True, config_name: Optional[str] = None
+                    ) -> LoadReport:
     """Load a pretrained / fine-tuned checkpoint into a UNITER model, non-strictly
     but never silently.
 
@@ -199,8 +231,14 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *,
                 f"checkpoint, the shape in current model is {tuple(own[k].shape)}"
                 for k, v in adapted.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatch:
+        size = hidden_size_mismatch(adapted, own)
+        if size is not None:
+            cfg_name = f"model config {config_name}" if config_name else "the model config"
+            raise RuntimeError(f"{name}: checkpoint hidden size {size[0]}, {cfg_name} has "
+                               f"{size[1]} (a checkpoint of another model size; "
+                               f"{len(mismatch)} weights differ in shape)")
         hint = ""
-        if any("token_type_embeddings" in m for m in mismatch):
+        if len(mismatch) == 1 and "token_type_embeddings" in mismatch[0]:
             hint = ("\n\t(token_type_embeddings with 3 rows is a fine-tuned NLVR2 checkpoint: build "
                     "the model, call init_type_embedding(), then load_state_dict it)")
         raise RuntimeError(f"Error(s) in loading state_dict for {name}:\n\t"

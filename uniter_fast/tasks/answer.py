@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import abc
 import argparse
+import io
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -16,10 +17,16 @@ from ..constants import BUCKET_SIZE
 from ..data.db import TxtTokLmdb, open_img_db
 from ..data.loader import TaskLoader, move_to_device
 from ..data.sampler import TokenBucketSampler
+from ..files import atomic_write
 from ..training.task import RunContext
 from ..training.validation import reduce_sums, val_batches
-from .base import FinetuneTask, gather_lists, token_bucket_train_loader, token_bucket_val_loaders
-from .inference import Progress, amp_dtype, load_strict, load_weights
+from .base import (
+    FinetuneTask,
+    gather_lists,
+    token_bucket_train_loader,
+    token_bucket_val_loaders,
+)
+from .inference import Progress, amp_dtype, claim_outputs, db_name, load_strict, load_weights
 
 __all__ = ["AnswerTask", "validate_answers", "infer_answers", "DEFAULT_BATCH_TOKENS"]
 
@@ -64,19 +71,27 @@ def validate_answers(task, engine, val_loaders, ctx: RunContext) -> Dict[str, fl
     return logs
 
 
-def _default_output(task, source) -> str:
+def _default_output(task, source, txt_db: str) -> str:
+    db = db_name(txt_db)
     if source.kind == "deepspeed":
         return os.path.join(source.run_dir, "results_test",
-                            f"results_{source.tag}_all.{task.result_ext}")
-    return f"{os.path.splitext(source.where)[0]}_results_{task.name}.{task.result_ext}"
+                            f"results_{source.tag}_{db}_all.{task.result_ext}")
+    return f"{os.path.splitext(source.where)[0]}_results_{task.name}_{db}.{task.result_ext}"
 
 
 def infer_answers(task, args: argparse.Namespace, cfg: Dict[str, Any], source,
-                  device: torch.device) -> Dict[str, Any]:
-    """The task model with ``source``'s weights over ``args.txt_db``/``args.img_db`` in
-    token buckets: the answers to ``args.output`` (the original's format), the task metric
-    when the db has labels, the logits with ``--save_logits``."""
-    model = load_strict(task.make_model(cfg), load_weights(source), source.where, cfg)
+                  device: torch.device, weights: Optional[Dict[str, torch.Tensor]] = None
+                  ) -> Dict[str, Any]:
+    """The task model with ``source``'s weights (``weights``: already loaded) over
+    ``args.txt_db``/``args.img_db`` in token buckets: the answers to ``args.output`` (the
+    original's format), the task metric when the db has labels, the logits with
+    ``--save_logits``."""
+    out = args.output or _default_output(task, source, args.txt_db)
+    logits_path = os.path.splitext(out)[0] + "_logits.npz"
+    claim_outputs([out] + ([logits_path] if getattr(args, "save_logits", False) else []),
+                  args.overwrite)
+    sd = load_weights(source) if weights is None else weights
+    model = load_strict(task.blank_model(cfg), sd, source.where, cfg)
     model.to(device).eval()
     txt_db = TxtTokLmdb(args.txt_db, -1)
     dataset = task.dataset(txt_db, open_img_db(args.img_db, cfg), False, 0, 1, 0)
@@ -106,14 +121,14 @@ def infer_answers(task, args: argparse.Namespace, cfg: Dict[str, Any], source,
                 sums["n"] += len(qids)
             bar(len(qids))
     bar.close()
-    out = args.output or _default_output(task, source)
     task.write_predictions(out, results)
     summary: Dict[str, Any] = {"task": task.name, "output": out, "n": len(results)}
     if getattr(args, "save_logits", False):
         import numpy as np
-        lpath = os.path.splitext(out)[0] + "_logits.npz"
-        np.savez(lpath, **logits_out)
-        summary["logits"] = lpath
+        buf = io.BytesIO()
+        np.savez(buf, **logits_out)
+        atomic_write(logits_path, buf.getvalue())
+        summary["logits"] = logits_path
     if sums["n"]:
         summary.update(task.summary_metrics(sums))
     return summary
@@ -188,9 +203,9 @@ class AnswerTask(FinetuneTask):
 
     def add_infer_args(self, parser):
         parser.add_argument("--output", default=None,
-                            help="result file (default: <run dir>/results_test/results_<tag>_all"
-                                 ".<ext>, for a .pt: next to it)")
+                            help="result file (default: <run dir>/results_test/results_<tag>_"
+                                 "<txt db>_all.<ext>, for a .pt: next to it)")
         parser.add_argument("--n_workers", type=int, default=0)
 
-    def infer(self, args, cfg, source, device):
-        return infer_answers(self, args, cfg, source, device)
+    def infer(self, args, cfg, source, device, weights=None):
+        return infer_answers(self, args, cfg, source, device, weights)

@@ -32,6 +32,7 @@ from ..data.sampler import TokenBucketSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import ensure_task_dbs, make_spec
 from ..export import check_keys, load_state_dict_file
 from ..model.build import DEFAULT_MAX_TXT_LEN, check_text_fits, load_model_config
+from ..model.model import weights_loaded_next
 from ..training.config import OVERRIDES, read_json
 from ..training.engine import param_groups as _param_groups
 from ..training.synthetic_pretrain import (
@@ -41,11 +42,12 @@ from ..training.synthetic_pretrain import (
     world_spec,
 )
 from ..training.task import RunContext, TrainTask
+from .inference import load_pretrained_weights
 
 __all__ = ["FinetuneTask", "DESCRIPTION", "ORIGINAL_KEYS", "OWN_KEYS", "FINETUNE_OVERRIDES",
            "CLI_OVERRIDES", "default_config", "normalize_config", "resolve_synthetic",
            "token_bucket_train_loader", "token_bucket_val_loaders", "example_loader",
-           "gather_lists", "atomic_write", "result_dir", "load_state", "full_params",
+           "gather_lists", "result_dir", "load_state", "full_params",
            "is_gt_db", "run_config", "task_checkpoint_from_state_dict"]
 
 DESCRIPTION = "UNITER fine-tuning under DeepSpeed."
@@ -248,14 +250,6 @@ def gather_lists(items: List[Any], world_size: int) -> List[Any]:
     return [x for p in parts for x in p]
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def result_dir(ctx: RunContext, split: str) -> str:
     """``<output_dir>/results_<split>/`` (made if missing)."""
     d = os.path.join(ctx.output_dir, f"results_{split}")
@@ -275,10 +269,12 @@ def full_params(engine, ctx: RunContext):
 
 
 def load_state(cfg: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
-    """The training config's ``checkpoint`` (a plain state dict; None: random weights)."""
+    """The training config's ``checkpoint`` (a plain state dict file, or a run directory /
+    its ``ckpt/`` / a tag directory, as ``infer --checkpoint`` takes; None: random weights)."""
     if not cfg.get("checkpoint"):
         return None
-    return load_state_dict_file(cfg["checkpoint"])
+    path = cfg["checkpoint"]
+    return load_pretrained_weights(path) if os.path.isdir(path) else load_state_dict_file(path)
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -388,8 +384,28 @@ class FinetuneTask(TrainTask, abc.ABC):
         """The task model as the original script builds it from the training config
         (``state`` None: random weights), with the config's dropout."""
 
+    def longest_eval_text(self, txt_db: str) -> Optional[int]:
+        """Tokens of the longest text of a validation/test db as the model reads it (None:
+        not known up front)."""
+        lens = TxtTokLmdb(txt_db, -1).id2len.values()
+        return max(lens) + 2 if lens else None          # [CLS] ... [SEP]
+
+    def check_eval_texts(self, config, cfg: Dict[str, Any]) -> None:
+        """Every validation/test text fits the position table (validation reads whole texts,
+        so a long one would otherwise fail at the first validation, after training)."""
+        limit = config.max_position_embeddings
+        for split in self.splits(cfg):
+            db = cfg[f"{split}_txt_db"]
+            n = self.longest_eval_text(db)
+            if n is not None and n > limit:
+                raise ValueError(f"{split}_txt_db {db}: its longest text is {n} tokens with "
+                                 f"[CLS]/[SEP], more than the model's max_position_embeddings "
+                                 f"{limit} ({cfg.get('model_config')})")
+
     def build_model(self, cfg, meta):
-        check_text_fits(load_model_config(cfg), meta, cfg)
+        config = load_model_config(cfg)
+        check_text_fits(config, meta, cfg)
+        self.check_eval_texts(config, cfg)
         state = load_state(cfg)
         model = self.make_model(cfg, state)
         if self.reinit_unseen_words and state is not None and meta.get("v_range"):
@@ -440,10 +456,16 @@ class FinetuneTask(TrainTask, abc.ABC):
     def validate(self, engine, val_loaders, ctx: RunContext) -> Dict[str, float]:
         """``{"<split>/<metric>": value}``; writes the split's result files on rank 0."""
 
+    def blank_model(self, cfg: Dict[str, Any]) -> torch.nn.Module:
+        """:meth:`make_model` with random weights that the caller replaces next (inference,
+        export): built without the "randomly initialised" notice."""
+        with weights_loaded_next():
+            return self.make_model(cfg)
+
     # ---------------------------------------------------------------- export
     def model_for_checkpoint(self, cfg: Dict[str, Any], ckpt_dir: str) -> torch.nn.Module:
         """The (random) model whose keys a checkpoint of this task in ``ckpt_dir`` holds."""
-        return self.make_model(cfg)
+        return self.blank_model(cfg)
 
     def check_state_dict(self, sd: Dict[str, torch.Tensor], ckpt_dir: str) -> None:
         """When the run's ``train_config.json`` sits beside ``ckpt_dir``: ``sd`` must have
@@ -502,7 +524,7 @@ def task_checkpoint_from_state_dict(task: FinetuneTask, pt_path: str, ckpt_dir: 
     import torch.distributed as dist
     if dist.get_world_size() != 1:
         raise ValueError("from-pt runs in a single process")
-    model = task.make_model(cfg)
+    model = task.blank_model(cfg)
     sd = load_state_dict_file(pt_path)
     check_keys(model, sd, f"the weights of {pt_path}")
     model.load_state_dict(sd, strict=True)

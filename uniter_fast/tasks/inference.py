@@ -14,11 +14,14 @@ import torch
 
 from .. import checkpoint as ckpt_lib
 from ..export import check_keys, consolidate, load_state_dict_file
+from ..files import atomic_write
+from ..model.model import hidden_size_mismatch
 from ..training.config import read_json
 
 __all__ = ["CheckpointSource", "resolve_checkpoint", "load_weights", "load_strict",
-           "inference_config", "Progress", "amp_dtype", "autocast", "write_json",
-           "BOX_RULE_ARGS"]
+           "is_pretraining_state", "load_pretrained_weights",
+           "inference_config", "Progress", "amp_dtype", "autocast", "write_json", "db_name",
+           "claim_outputs", "BOX_RULE_ARGS"]
 
 #: the command-line options of ``infer`` that override the run's config as they are
 BOX_RULE_ARGS = ("model_config", "conf_th", "max_bb", "min_bb", "num_bb", "img_dim")
@@ -63,6 +66,21 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> CheckpointSource
                      "directory (no 'latest', no ckpt/, no *model_states.pt)")
 
 
+def is_pretraining_state(sd: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict is the pretraining model's (it has the pretraining heads)."""
+    return any(k.startswith(("cls.", "feat_regress.", "region_classifier.")) for k in sd)
+
+
+def load_pretrained_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A training config's ``checkpoint``: a plain state dict file, or a run directory / its
+    ``ckpt/`` / a tag directory (consolidated; a pretraining run's with its tied weights)."""
+    source = resolve_checkpoint(path)
+    sd = load_weights(source)
+    if source.kind == "deepspeed" and is_pretraining_state(sd):
+        sd = load_weights(source, fill_tied=True)
+    return sd
+
+
 def load_weights(source: CheckpointSource, fill_tied: bool = False) -> Dict[str, torch.Tensor]:
     """The fp32 state dict of ``source`` (a ``{"module": ...}`` wrapper unwrapped);
     ``fill_tied``: with the pretraining model's tied weights."""
@@ -79,11 +97,18 @@ def load_weights(source: CheckpointSource, fill_tied: bool = False) -> Dict[str,
 
 def load_strict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: str,
                 cfg: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
-    """``model`` with the weights ``sd`` (every key must match)."""
+    """``model`` with the weights ``sd`` (every key and shape must match; a checkpoint of
+    another model size is named as such)."""
     what = f"checkpoint {where}"
+    size = hidden_size_mismatch(sd, model.state_dict())
+    if size is not None:
+        mc = f"model config {cfg['model_config']}" if cfg and cfg.get("model_config") else \
+            "the model config"
+        raise ValueError(f"{what}: hidden size {size[0]}, but {mc} has {size[1]} (pass the "
+                         "run's training config with --config, or --model_config)")
     if cfg is not None and cfg.get("model_config"):
         what += f" (model config {cfg['model_config']})"
-    check_keys(model, sd, f"the weights of {what}", limit=8)
+    check_keys(model, sd, f"the weights of {what}", shapes=True, limit=8)
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -142,7 +167,23 @@ def autocast(device: torch.device, precision: str):
 def write_json(path: str, obj: Any) -> None:
     """``obj`` as JSON at ``path`` (directories made; written atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj))
+
+
+def db_name(path: str) -> str:
+    """A db's name for result file names: its directory name without ``.db``."""
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-3] if name.endswith(".db") else name
+
+
+def claim_outputs(paths, overwrite: bool) -> None:
+    """Before inference runs: none of the result files ``paths`` may exist unless
+    ``--overwrite`` (a result is never replaced silently), and none may be a directory."""
+    for p in paths:
+        if os.path.isdir(p):
+            raise ValueError(f"result file {p} is a directory; give a file name (--output)")
+    taken = [p for p in paths if os.path.exists(p)]
+    if taken and not overwrite:
+        raise ValueError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}: "
+                         "pass --overwrite to replace, or choose another output (--output / "
+                         "--output_dir)")

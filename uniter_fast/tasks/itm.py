@@ -36,7 +36,7 @@ import json
 import os
 import pickle
 import time
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 
@@ -54,19 +54,28 @@ from ..data.loader import ConcatDatasetWithLens, MetaLoader, TaskLoader
 from ..data.sampler import ExampleSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import itm as synthetic_itm
 from ..eval.itr import gather_score_matrix, itm_dataset_scores, itm_eval
+from ..files import atomic_write
 from ..model import itm as models
-from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, set_dropout
+from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, model_config_path, set_dropout
 from ..model.pretrain import UniterForPretraining
 from .base import (
     ORIGINAL_KEYS,
     OWN_KEYS,
     FinetuneTask,
-    atomic_write,
     example_loader,
     full_params,
     result_dir,
 )
-from .inference import Progress, amp_dtype, load_strict, load_weights
+from .inference import (
+    Progress,
+    amp_dtype,
+    claim_outputs,
+    db_name,
+    is_pretraining_state,
+    load_strict,
+    load_weights,
+    write_json,
+)
 
 #: the originals' keys (train_itm.py) and this trainer's ``inf_max_tokens`` (tokens per
 #: batch of the fast retrieval scorer)
@@ -80,10 +89,6 @@ DEFAULT_SCORER_TOKENS = 16384
 DEFAULT_MINIBATCH = 400
 #: the originals' argparse defaults of ``margin`` and ``hard_neg_size``
 DEFAULT_MARGIN, DEFAULT_HARD_NEG_SIZE = 0.2, 16
-
-
-def _is_pretraining(sd: Dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("cls.", "feat_regress.", "region_classifier.")) for k in sd)
 
 
 class ItmTask(FinetuneTask):
@@ -105,7 +110,7 @@ class ItmTask(FinetuneTask):
 
     def make_model(self, cfg, state=None):
         model = models.UniterForImageTextRetrieval.from_pretrained(
-            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            model_config_path(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
             margin=float(cfg.get("margin", DEFAULT_MARGIN)))
         return self._finish_model(model, cfg, state)
 
@@ -165,16 +170,16 @@ class ItmTask(FinetuneTask):
     # ---------------------------------------------------------------- inference
     def add_infer_args(self, parser):
         parser.add_argument("--output_dir", default=None,
-                            help="where the result files go (default: RUN_DIR/results_itm_test)")
+                            help="where the result files go (default: RUN_DIR/results_itm_<txt db>)")
 
     def _infer_model(self, cfg, source):
         """(model, zero_shot): a retrieval model, or a pretraining one (zero-shot)."""
         config = load_model_config(cfg)
         img_dim = int(cfg.get("img_dim") or IMG_DIM)
         sd = load_weights(source)
-        if source.kind == "deepspeed" and _is_pretraining(sd):
+        if source.kind == "deepspeed" and is_pretraining_state(sd):
             sd = load_weights(source, fill_tied=True)   # the tied weights are needed too
-        if _is_pretraining(sd):
+        if is_pretraining_state(sd):
             heads = [v for k, v in sd.items() if k.startswith("region_classifier.net.")
                      and k.endswith(".weight") and v.dim() == 2]
             label_dim = int(heads[-1].size(0)) if heads else int(cfg.get("img_label_dim")
@@ -188,11 +193,16 @@ class ItmTask(FinetuneTask):
         return load_strict(model, sd, source.where), False
 
     def infer(self, args, cfg, source, device):
+        out_dir = args.output_dir or (
+            os.path.join(source.run_dir, f"results_{ItmTask.name}_{db_name(args.txt_db)}")
+            if source.run_dir else
+            os.path.join(os.path.dirname(os.path.abspath(source.where)),
+                         f"results_{ItmTask.name}_{db_name(args.txt_db)}"))
+        files = {k: os.path.join(out_dir, k) for k in ("config.json", "results.bin",
+                                                        "scores.json")}
+        claim_outputs(list(files.values()), args.overwrite)
         model, zero_shot = self._infer_model(cfg, source)
         model.to(device).eval()
-        out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{ItmTask.name}_test")
-                                      if source.run_dir else
-                                      os.path.dirname(os.path.abspath(source.where)))
         txt = TxtTokLmdb(args.txt_db, -1)
         img = open_img_db(args.img_db, cfg)
         n_img = len(set(txt.txt2img[i] for i in txt.id2len))
@@ -210,20 +220,16 @@ class ItmTask(FinetuneTask):
             bar.close()
         wall = time.time() - t0
         res = itm_eval(scores.float(), ds.ids, ds.all_img_ids, txt.txt2img, ds.img2txts)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f)
-        with open(os.path.join(out_dir, "results.bin"), "wb") as f:
-            pickle.dump((scores.cpu(), list(ds.ids), list(ds.all_img_ids)), f)
-        with open(os.path.join(out_dir, "scores.json"), "w") as f:
-            json.dump(res, f)
+        write_json(files["config.json"], vars(args))
+        # the original's results.bin: pickled (score matrix, text ids, image ids)
+        atomic_write(files["results.bin"],
+                     pickle.dumps((scores.cpu(), list(ds.ids), list(ds.all_img_ids))))
+        write_json(files["scores.json"], res)
         print("\n".join(f"{'image' if k.startswith('img') else 'text'} retrieval "
                         f"R{k.split('_r')[1]}: {v * 100:.2f}" for k, v in res.items()
                         if k[-1].isdigit()))
-        out: Dict[str, Any] = {"metrics": res, "pairs": total,
-                               "pairs_per_s": total / max(wall, 1e-9), "wall_s": wall,
-                               "output_dir": out_dir, "zero_shot": zero_shot}
-        return out
+        return {"metrics": res, "pairs": total, "pairs_per_s": total / max(wall, 1e-9),
+                "wall_s": wall, "output_dir": out_dir, "zero_shot": zero_shot}
 
 
 class _PairLoader:
@@ -264,7 +270,7 @@ class ItmHnTask(ItmTask):
 
     def make_model(self, cfg, state=None):
         model = models.UniterForImageTextRetrievalHardNeg.from_pretrained(
-            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            model_config_path(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
             margin=float(cfg.get("margin", DEFAULT_MARGIN)), hard_size=int(cfg.get("hard_neg_size", DEFAULT_HARD_NEG_SIZE)))
         return self._finish_model(model, cfg, state)
 

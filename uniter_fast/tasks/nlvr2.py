@@ -20,10 +20,10 @@ from ..constants import IMG_DIM
 from ..data import nlvr2 as data
 from ..data.synthetic_tasks import nlvr2 as synthetic_nlvr2
 from ..evaluation import nlvr2_consistency
+from ..files import atomic_write
 from ..model import nlvr2 as models
-from ..model.build import load_model_config, set_dropout
+from ..model.build import model_config_path, set_dropout
 from .answer import AnswerTask
-from .base import atomic_write
 
 #: the ``model`` values: the original's three NLVR2 models
 NLVR2_MODELS = {"paired": models.UniterForNlvr2Paired, "triplet": models.UniterForNlvr2Triplet,
@@ -54,7 +54,7 @@ class Nlvr2Task(AnswerTask):
 
     def make_model(self, cfg, state=None):
         cls = NLVR2_MODELS[cfg.get("model", "paired")]
-        model = cls.from_pretrained(load_model_config(cfg), state,
+        model = cls.from_pretrained(model_config_path(cfg), state,
                                     img_dim=int(cfg.get("img_dim") or IMG_DIM))
         model.init_type_embedding()
         set_dropout(model, cfg.get("dropout"))

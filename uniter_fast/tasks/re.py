@@ -26,20 +26,20 @@ from ..data.re import ReDataset, ReEvalDataset, ReTxtTokLmdb, re_collate, re_eva
 from ..data.sampler import ExampleSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import re as synthetic_re
 from ..eval.re import re_accuracy, re_eval_batch
-from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, set_dropout
+from ..files import atomic_write
+from ..model.build import DEFAULT_MAX_TXT_LEN, model_config_path, set_dropout
 from ..model.re import UniterForReferringExpressionComprehension, re_train_loss
 from ..training.validation import reduce_sums, val_batches
 from .base import (
     ORIGINAL_KEYS,
     OWN_KEYS,
     FinetuneTask,
-    atomic_write,
     example_loader,
     gather_lists,
     is_gt_db,
     result_dir,
 )
-from .inference import Progress, autocast, load_strict, load_weights, write_json
+from .inference import Progress, autocast, claim_outputs, load_strict, load_weights, write_json
 
 #: the original train_re.py's keys beyond the shared ones
 RE_KEYS = frozenset({"train_loss", "margin", "hard_ratio", "mlp", "decay"})
@@ -94,7 +94,7 @@ class ReTask(FinetuneTask):
 
     def make_model(self, cfg, state=None):
         model = UniterForReferringExpressionComprehension.from_pretrained(
-            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            model_config_path(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
             loss=cfg.get("train_loss", "cls"), margin=float(cfg.get("margin", 0.2)),
             hard_ratio=float(cfg.get("hard_ratio", 0.3)), mlp=int(cfg.get("mlp", 1)))
         set_dropout(model, cfg.get("dropout"))
@@ -152,12 +152,16 @@ class ReTask(FinetuneTask):
                             help="where the result files go (default: RUN_DIR/results_re_test)")
 
     def infer(self, args, cfg, source, device):
-        model = load_strict(self.make_model(cfg), load_weights(source), source.where)
-        model.to(device).eval()
         out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{self.name}_test")
                                       if source.run_dir else
                                       os.path.dirname(os.path.abspath(source.where)))
         gt = is_gt_db(args.img_db, GT_MARKER)
+        split = os.path.basename(os.path.normpath(args.txt_db)).split("_")[-1].split(".")[0]
+        boxes = "gt" if gt else "det"
+        path = os.path.join(out_dir, f"results_{source.name}_{split}_on_{boxes}_all.json")
+        claim_outputs([path], args.overwrite)
+        model = load_strict(self.blank_model(cfg), load_weights(source), source.where, cfg)
+        model.to(device).eval()
         ds = _ReEvalDataset(ReTxtTokLmdb(args.txt_db, -1), re_img_db(args.img_db, cfg),
                             use_gt_feat=gt)
         loader = TaskLoader(ds, re_eval_collate,
@@ -172,9 +176,6 @@ class ReTask(FinetuneTask):
                 correct, preds = correct + c, preds + p
                 bar(len(p))
         bar.close()
-        split = os.path.basename(os.path.normpath(args.txt_db)).split("_")[-1].split(".")[0]
-        boxes = "gt" if gt else "det"
-        path = os.path.join(out_dir, f"results_{source.name}_{split}_on_{boxes}_all.json")
         write_json(path, preds)
         acc = re_accuracy(correct, len(preds))
         print(f"{split}-acc({boxes}): {acc * 100:.2f}%")

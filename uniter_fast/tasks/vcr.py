@@ -26,7 +26,7 @@ from ..data.sampler import ExampleSampler, TokenBucketSampler, config_seed, rank
 from ..data.synthetic_tasks import vcr as synthetic_vcr
 from ..data.vcr import VcrDataset, VcrEvalDataset, VcrTxtTokLmdb, vcr_collate, vcr_eval_collate
 from ..eval.vcr import VcrEvaluator, write_vcr_submission
-from ..model.build import load_model_config, set_dropout
+from ..model.build import model_config_path, set_dropout
 from ..model.vcr import VCR_NUM_SPECIAL_TOKENS, UniterForVisualCommonsenseReasoning, vcr_train_loss
 from ..training.validation import reduce_sums, val_batches
 from .base import (
@@ -38,7 +38,15 @@ from .base import (
     is_gt_db,
     result_dir,
 )
-from .inference import Progress, autocast, load_strict, load_weights, write_json
+from .inference import (
+    Progress,
+    autocast,
+    claim_outputs,
+    db_name,
+    load_strict,
+    load_weights,
+    write_json,
+)
 
 #: the original train_vcr.py's keys beyond the shared ones
 VCR_KEYS = frozenset({"checkpoint_from"})
@@ -69,6 +77,8 @@ def vcr_img_dbs(spec: str, cfg):
 
 def _eval_dataset(txt_db: str, img_spec: str, cfg, rank: int = 0, world_size: int = 1):
     txt = VcrTxtTokLmdb(txt_db, -1, "qa,qar")
+    if not txt.id2len:
+        raise ValueError(f"VCR text db {txt_db} holds no question")
     first = txt[next(iter(txt.id2len))]
     layout = "val" if first["qa_target"] >= 0 else "test"
     gt, det = vcr_img_dbs(img_spec, cfg)
@@ -93,10 +103,13 @@ class VcrTask(FinetuneTask):
     def text_meta(self, txt_db):
         return VcrTxtTokLmdb(txt_db, -1, "qa").meta
 
+    def longest_eval_text(self, txt_db):
+        return None       # question + answer + rationale: checked when a batch is built
+
     def make_model(self, cfg, state=None):
         from_vcr = cfg.get("checkpoint_from", "pretrain") == "vcr_pretrain"
         model = UniterForVisualCommonsenseReasoning.from_pretrained(
-            load_model_config(cfg), None if from_vcr else state,
+            model_config_path(cfg), None if from_vcr else state,
             img_dim=int(cfg.get("img_dim") or IMG_DIM))
         model.init_type_embedding()
         model.init_word_embedding(VCR_NUM_SPECIAL_TOKENS)
@@ -165,17 +178,22 @@ class VcrTask(FinetuneTask):
     # ---------------------------------------------------------------- inference
     def add_infer_args(self, parser):
         parser.add_argument("--output_dir", default=None,
-                            help="where the result files go (default: RUN_DIR/results_vcr_test)")
+                            help="where the result files go (default: RUN_DIR/results_vcr_test; files named by tag and txt db)")
 
     def infer(self, args, cfg, source, device):
-        model = load_strict(self.make_model(dict(cfg, checkpoint_from="pretrain")),
-                            load_weights(source), source.where)
-        model.to(device).eval()
         out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{self.name}_test")
                                       if source.run_dir else
                                       os.path.dirname(os.path.abspath(source.where)))
         ds = _eval_dataset(args.txt_db, args.img_db, cfg)
         labelled = ds.split == "val"
+        name = f"results_{source.name}_{db_name(args.txt_db)}_all"
+        out = {"output": os.path.join(out_dir, f"{name}.json")}
+        if not labelled:
+            out["csv"] = os.path.join(out_dir, f"{name}.csv")
+        claim_outputs([out["output"]] + ([out["csv"]] if "csv" in out else []), args.overwrite)
+        model = load_strict(self.blank_model(dict(cfg, checkpoint_from="pretrain")),
+                            load_weights(source), source.where, cfg)
+        model.to(device).eval()
         loader = TaskLoader(ds, vcr_eval_collate,
                             ExampleSampler(int(args.batch_size or DEFAULT_EVAL_BATCH),
                                            shuffle=False))
@@ -187,12 +205,10 @@ class VcrTask(FinetuneTask):
                 ev.update(model(b, compute_loss=False), b)
                 bar(len(b["qids"]))
         bar.close()
-        out = {"output": os.path.join(out_dir, f"results_{source.name}_all.json")}
         write_json(out["output"], ev.results)
         if labelled:
             out["metrics"] = ev.metrics(ev.totals())
             print(", ".join(f"{k}: {v:.4f}" for k, v in out["metrics"].items()))
         else:
-            out["csv"] = os.path.join(out_dir, f"results_{source.name}_all.csv")
             write_vcr_submission(ev.results, out["csv"])
         return out

@@ -17,10 +17,10 @@ from ..constants import IMG_DIM
 from ..data.synthetic_tasks import ve as synthetic_ve
 from ..data.ve import VeDataset, VeEvalDataset, ve_collate, ve_eval_collate
 from ..evaluation import answer_scores
-from ..model.build import load_model_config, set_dropout
+from ..files import atomic_write
+from ..model.build import model_config_path, set_dropout
 from ..model.ve import VE_IDX2ENT, UniterForVisualEntailment
 from .answer import AnswerTask
-from .base import atomic_write
 from .inference import write_json
 
 
@@ -32,7 +32,7 @@ class VeTask(AnswerTask):
 
     def make_model(self, cfg, state=None):
         model = UniterForVisualEntailment.from_pretrained(
-            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM))
+            model_config_path(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM))
         set_dropout(model, cfg.get("dropout"))
         return model
 

@@ -21,11 +21,11 @@ from ..constants import IMG_DIM
 from ..data.synthetic_tasks import vqa as synthetic_vqa
 from ..data.vqa import VqaDataset, VqaEvalDataset, load_ans2label, vqa_collate, vqa_eval_collate
 from ..evaluation import answer_scores
-from ..model.build import load_model_config, set_dropout
+from ..files import atomic_write
+from ..model.build import model_config_path, set_dropout
 from ..model.vqa import UniterForVisualQuestionAnswering
 from .answer import AnswerTask
-from .base import atomic_write
-from .inference import write_json
+from .inference import load_weights, write_json
 
 #: the answer vocabulary beside a run's checkpoints (as the original)
 ANS2LABEL_FILE = "ans2label.json"
@@ -36,6 +36,33 @@ def _qid(q: str):
         return int(q)
     except (TypeError, ValueError):
         return q
+
+
+def answer_head_rows(sd: Dict[str, Any]) -> Optional[int]:
+    """How many answers the checkpoint's VQA head scores (its last layer's rows)."""
+    heads = sorted((k for k in sd if k.startswith("vqa_output.") and k.endswith(".weight")
+                    and sd[k].dim() == 2), key=lambda k: int(k.split(".")[1]))
+    return int(sd[heads[-1]].shape[0]) if heads else None
+
+
+def check_same_answers(given: str, run_path: str) -> None:
+    """``--ans2label`` must be the run's own answer vocabulary (the same answers under the
+    same ids): another order would rename every answer silently."""
+    a, b = load_ans2label(given), load_ans2label(run_path)
+    if a == b:
+        return
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    moved = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    parts = []
+    if only_a or only_b:
+        parts.append(f"answers only in --ans2label: {only_a[:5]}{' ...' if len(only_a) > 5 else ''}"
+                     f", only in the run's: {only_b[:5]}{' ...' if len(only_b) > 5 else ''}")
+    if moved:
+        k = moved[0]
+        parts.append(f"{len(moved)} answers have other ids (e.g. {k!r}: {a[k]} in --ans2label, "
+                     f"{b[k]} in the run's)")
+    raise ValueError(f"--ans2label {given} is not the answer vocabulary the run was trained with "
+                     f"({run_path}): {'; '.join(parts)}. Leave --ans2label out to use the run's")
 
 
 class VqaTask(AnswerTask):
@@ -71,7 +98,7 @@ class VqaTask(AnswerTask):
     # ---------------------------------------------------------------- model
     def make_model(self, cfg, state=None):
         model = UniterForVisualQuestionAnswering.from_pretrained(
-            load_model_config(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
+            model_config_path(cfg), state, img_dim=int(cfg.get("img_dim") or IMG_DIM),
             num_answer=len(self.ans2label(cfg)))
         set_dropout(model, cfg.get("dropout"))
         return model
@@ -80,7 +107,7 @@ class VqaTask(AnswerTask):
         path = os.path.join(ckpt_dir, ANS2LABEL_FILE)
         if os.path.exists(path):
             self.use_answers(load_ans2label(path))
-        return self.make_model(cfg)
+        return self.blank_model(cfg)
 
     # ---------------------------------------------------------------- data
     def dataset(self, txt_db, img_db, train, rank, world_size, seed):
@@ -127,13 +154,25 @@ class VqaTask(AnswerTask):
             cfg["ans2label"] = args.ans2label
 
     def infer(self, args, cfg, source, device):
-        path = args.ans2label
-        run_answers = (os.path.join(source.run_dir, "ckpt", ANS2LABEL_FILE)
-                       if source.run_dir else None)
-        if path is None and run_answers and os.path.exists(run_answers):
-            path = run_answers                                   # as inf_vqa.py
-        self.use_answers(load_ans2label(path or cfg.get("ans2label")))
-        return super().infer(args, cfg, source, device)
+        run_path = (os.path.join(source.run_dir, "ckpt", ANS2LABEL_FILE)
+                    if source.run_dir else None)
+        if run_path is not None and not os.path.exists(run_path):
+            run_path = None
+        given = args.ans2label
+        if given is not None and run_path is not None:
+            check_same_answers(given, run_path)
+        path = given or run_path or cfg.get("ans2label")      # the run's first, as inf_vqa.py
+        answers = load_ans2label(path)
+        sd = load_weights(source)
+        rows = answer_head_rows(sd)
+        if rows is not None and rows != len(answers):
+            what = (f"--ans2label {given}" if given is not None else
+                    f"the answer vocabulary {path or 'shipped with uniter_fast'}")
+            raise ValueError(f"{what} has {len(answers)} answers, but the answer head of "
+                             f"checkpoint {source.where} has {rows} rows: give the answer "
+                             "vocabulary the model was trained with (--ans2label)")
+        self.use_answers(answers)
+        return super().infer(args, cfg, source, device, weights=sd)
 
     def labelled_metrics(self, logits, targets, qids, preds, sums):
         sums["score"] += float(answer_scores(logits, targets.float()).sum())

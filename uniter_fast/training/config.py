@@ -166,6 +166,8 @@ def apply_deepspeed_overrides(cfg: Dict[str, Any], ds: Dict[str, Any], args) -> 
         apply_precision(ds, args.precision)
     cli_accum = getattr(args, "gradient_accumulation_steps", None)
     if cli_accum is not None:
+        if int(cli_accum) < 1:
+            raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {cli_accum}")
         ds["gradient_accumulation_steps"] = cli_accum
     ds.pop("train_batch_size", None)   # batches are token buckets; DS only counts micro-batches
     ds.setdefault("train_micro_batch_size_per_gpu", 1)
@@ -186,6 +188,9 @@ def apply_deepspeed_overrides(cfg: Dict[str, Any], ds: Dict[str, Any], args) -> 
         op["weight_decay"] = float(cfg["weight_decay"])
     if cfg.get("gradient_accumulation_steps") is not None and cli_accum is None:
         ds["gradient_accumulation_steps"] = int(cfg["gradient_accumulation_steps"])
+    if int(ds.get("gradient_accumulation_steps", 1)) < 1:
+        raise ValueError("gradient_accumulation_steps must be >= 1, got "
+                         f"{ds['gradient_accumulation_steps']} (training or DeepSpeed config)")
     if cfg.get("learning_rate") is not None:
         op["lr"] = cfg["learning_rate"]
         if sched and "warmup_max_lr" in sched.get("params", {}):

@@ -13,13 +13,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..config import config_path
+from ..constants import STOP_SIGNALS
 from ..data.build import resolve_path
 from ..data.db import TxtTokLmdb
 from ..data.synthetic import FORMAT_VERSION, SyntheticSpec, build_cached_dir, cache_root
@@ -126,6 +129,40 @@ def _clean_env() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopForwarding:
+    """While the pretraining child runs: a stop signal (SIGINT, SIGTERM) raises
+    :class:`_Stopped` here (first) and is passed on to the child (after
+    ``forward_only``), so neither process is left behind; the old handlers come back after."""
+
+    def __init__(self):
+        self.child: Optional[subprocess.Popen] = None
+        self.forward_only = False
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.forward_only:
+            if self.child is not None and self.child.poll() is None:
+                self.child.send_signal(signum)
+            return
+        raise _Stopped(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
 def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
                               precision: Optional[str] = None,
                               cache_dir: Optional[str] = None, progress: bool = True) -> str:
@@ -177,16 +214,31 @@ def ensure_synthetic_pretrain(cfg: Dict[str, Any], ds_config_path: str,
         if not progress:
             cmd += ["--no_progress"]
         # its standard output is shown and kept beside the run (train_log.txt)
-        with open(os.path.join(tmp, TRAIN_LOG_FILE), "w") as log:
+        with open(os.path.join(tmp, TRAIN_LOG_FILE), "w") as log, _StopForwarding() as stop:
             # the run's synthetic data in the same cache as its result
             proc = subprocess.Popen(cmd, env=dict(_clean_env(), PYTHONUNBUFFERED="1",
                                                   UNITER_FAST_CACHE=root),
                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            proc.stdout.close()
-            proc.wait()
+            stop.child = proc
+            try:
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                proc.stdout.close()
+                proc.wait()
+            except _Stopped as e:
+                # SIGINT/SIGTERM here: the child gets it too (it saves and exits), nothing is
+                # left running, the temporary directory goes (build_cached_dir), and this
+                # process exits with the signal's status
+                stop.forward_only = True
+                proc.send_signal(e.signum)
+                for line in proc.stdout:         # drained: the child never blocks on it
+                    sys.stdout.write(line)
+                    log.write(line)
+                proc.wait()
+                print(f"[finetune] {signal.Signals(e.signum).name}: stopped the synthetic "
+                      "pretraining run (nothing cached)", file=sys.stderr, flush=True)
+                raise SystemExit(128 + e.signum) from None
         sys.stdout.flush()
         if proc.returncode != 0:
             raise RuntimeError(f"the synthetic pretraining run failed (exit {proc.returncode}): "

@@ -1,0 +1,256 @@
+"""Inference and fine-tuning inputs that used to mislead or lose work (issue #19): result
+files are never replaced silently and carry the db in their default name, an answer
+vocabulary other than the run's is refused, a checkpoint of another size is named as such,
+no "randomly initialised" notice before loading, bad sizes are refused before any work,
+validation texts longer than the position table fail before the first step, a run
+directory works as fine-tuning ``--checkpoint``.  Small synthetic VQA data and random
+weights: no training."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from faultutil import ROOT
+
+from uniter_fast.data.db import TxtTokLmdb, write_txt_db
+from uniter_fast.data.synthetic import SyntheticSpec
+from uniter_fast.data.synthetic_tasks import ensure_task_dbs, make_spec, vqa
+from uniter_fast.data.vqa import load_ans2label
+from uniter_fast.model.build import load_model_config
+from uniter_fast.tasks import get_task
+
+WORLD = SyntheticSpec(max_bb=6, min_bb=6)
+BOX = {"conf_th": 0.2, "max_bb": 6, "min_bb": 6, "num_bb": 36}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("uf_infer_cache"))
+    return ensure_task_dbs(vqa, make_spec(vqa, dict(num_train=4, num_val=6, per_item=2)),
+                           WORLD, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def ds_fp32(tmp_path_factory):
+    """ds.json in fp32 (from-pt then keeps the weights exactly, on any CPU)."""
+    ds = json.load(open(os.path.join(ROOT, "ds.json")))
+    for k in ("bf16", "fp16"):
+        ds[k] = {"enabled": False}
+    path = str(tmp_path_factory.mktemp("uf_infer_ds") / "ds_fp32.json")
+    json.dump(ds, open(path, "w"))
+    return path
+
+
+def _from_pt(pt, run, cfg, ds):
+    p = subprocess.run([sys.executable, "-m", "uniter_fast.export", "from-pt", pt,
+                        str(run / "ckpt"), "--task", "vqa", "--config", cfg,
+                        "--deepspeed_config", ds], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def _cfg(**kw):
+    return dict({"model_config": "uniter-tiny", **BOX}, **kw)
+
+
+@pytest.fixture(scope="module")
+def vqa_pt(tmp_path_factory):
+    """A VQA model file (random weights, the shipped 3129 answers) and its training config."""
+    d = tmp_path_factory.mktemp("uf_infer_model")
+    task = get_task("vqa")
+    cfg = _cfg()
+    torch.manual_seed(0)
+    task.ans2label(cfg)
+    pt = str(d / "vqa.pt")
+    torch.save(task.blank_model(cfg).state_dict(), pt)
+    # the shipped synthetic VQA config: uniter-tiny and the box rule of _cfg()
+    from uniter_fast.tasks.base import default_config
+    full = json.load(open(default_config("vqa")))
+    assert all(full[k] == v for k, v in cfg.items())
+    cfg_path = str(d / "train_config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(full, f)
+    return pt, cfg_path
+
+
+def _infer(args, env=None, ok=True):
+    p = subprocess.run([sys.executable, "-m", "uniter_fast.infer", "--no_progress", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _vqa_args(data, pt, cfg, *extra):
+    return ["--task", "vqa", "--checkpoint", pt, "--config", cfg, "--txt_db", data["val"],
+            "--img_db", data["img"], *extra]
+
+
+def test_results_are_never_replaced_without_overwrite(data, vqa_pt, tmp_path):
+    pt, cfg = vqa_pt
+    out = str(tmp_path / "answers.json")
+    p = _infer(_vqa_args(data, pt, cfg, "--output", out))
+    assert "randomly initialised" not in p.stderr          # the weights are loaded next
+    first = open(out).read()
+    assert len(json.loads(first)) == 12
+    p = _infer(_vqa_args(data, pt, cfg, "--output", out), ok=False)
+    assert p.returncode != 0 and "already exist" in p.stderr and "--overwrite" in p.stderr
+    assert open(out).read() == first                      # untouched
+    _infer(_vqa_args(data, pt, cfg, "--output", out, "--overwrite"))
+    assert json.loads(open(out).read()) == json.loads(first)
+    # the default name carries the db: another db does not replace this one's answers
+    p = _infer(_vqa_args(data, pt, cfg))
+    default = json.loads(p.stdout.strip().splitlines()[-1])["output"]
+    assert os.path.basename(default) == "vqa_results_vqa_txt_val.json"
+    # a directory as --output: refused, nothing left beside it
+    d = tmp_path / "a_dir"
+    d.mkdir()
+    p = _infer(_vqa_args(data, pt, cfg, "--output", str(d)), ok=False)
+    assert p.returncode != 0 and "is a directory" in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_dir", "answers.json"]
+
+
+def test_another_answer_vocabulary_is_refused(data, vqa_pt, ds_fp32, tmp_path):
+    pt, cfg = vqa_pt
+    # a run directory whose ckpt/ans2label.json is the shipped vocabulary
+    run = tmp_path / "run"
+    _from_pt(pt, run, cfg, ds_fp32)
+    shipped = load_ans2label()
+    assert json.load(open(run / "ckpt" / "ans2label.json")) == shipped
+    with open(run / "train_config.json", "w") as f:
+        json.dump(_cfg(), f)
+    # the same answers under other ids: every answer would be renamed silently
+    names = sorted(shipped, key=shipped.get)
+    swapped = dict(shipped)
+    swapped[names[0]], swapped[names[1]] = shipped[names[1]], shipped[names[0]]
+    other = str(tmp_path / "swapped.json")
+    json.dump(swapped, open(other, "w"))
+    p = _infer(["--task", "vqa", "--checkpoint", str(run), "--txt_db", data["val"],
+                "--img_db", data["img"], "--ans2label", other,
+                "--output", str(tmp_path / "x.json")], ok=False)
+    assert p.returncode != 0 and "2 answers have other ids" in p.stderr, p.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "x.json")
+    # the run's own file is fine
+    _infer(["--task", "vqa", "--checkpoint", str(run), "--txt_db", data["val"],
+            "--img_db", data["img"], "--ans2label", str(run / "ckpt" / "ans2label.json"),
+            "--output", str(tmp_path / "y.json")])
+    # a vocabulary of another size for a .pt names --ans2label and both sizes
+    small = str(tmp_path / "small.json")
+    json.dump({n: i for i, n in enumerate(names[:7])}, open(small, "w"))
+    p = _infer(_vqa_args(data, pt, cfg, "--ans2label", small, "--output",
+                         str(tmp_path / "z.json")), ok=False)
+    assert "--ans2label" in p.stderr and "7 answers" in p.stderr and "3129 rows" in p.stderr
+
+
+def test_checkpoint_of_another_size_named(data, vqa_pt, tmp_path):
+    pt, cfg = vqa_pt
+    wide = json.load(open(os.path.join(ROOT, "uniter_fast", "configs", "uniter-tiny.json")))
+    wide["hidden_size"] = 32
+    path = str(tmp_path / "uniter-narrow.json")
+    json.dump(wide, open(path, "w"))
+    p = _infer(_vqa_args(data, pt, cfg, "--model_config", path, "--output",
+                         str(tmp_path / "o.json")), ok=False)
+    assert "hidden size 64" in p.stderr and "has 32" in p.stderr and "uniter-narrow" in p.stderr
+    assert "size mismatch" not in p.stderr and "NLVR2" not in p.stderr
+    # the same through from_pretrained (fine-tuning from a checkpoint of another size)
+    task = get_task("vqa")
+    task.ans2label(_cfg())
+    with pytest.raises(RuntimeError, match=r"checkpoint hidden size 64, model config .*"
+                                           r"uniter-narrow.json has 32"):
+        task.make_model(_cfg(model_config=path), torch.load(pt, weights_only=True))
+
+
+def test_bad_sizes_refused_before_any_work(data, vqa_pt):
+    pt, cfg = vqa_pt
+    p = _infer(_vqa_args(data, pt, cfg, "--batch_size", "0"), ok=False)
+    assert p.returncode == 2 and "--batch_size" in p.stderr and "must be >= 1" in p.stderr
+    from uniter_fast.training.config import apply_deepspeed_overrides
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be >= 1"):
+        apply_deepspeed_overrides({"num_train_steps": 1}, {},
+                                  argparse.Namespace(gradient_accumulation_steps=0))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be >= 1"):
+        apply_deepspeed_overrides({"num_train_steps": 1, "gradient_accumulation_steps": 0}, {},
+                                  argparse.Namespace())
+
+
+def test_long_validation_text_fails_before_training(data, tmp_path):
+    """A validation text longer than the position table is found before the first step
+    (it used to fail at the first validation, after training)."""
+    src = TxtTokLmdb(data["val"], -1)
+    recs = {i: dict(src[i]) for i in list(src.id2len)[:3]}
+    limit = load_model_config(_cfg()).max_position_embeddings
+    first = next(iter(recs))
+    recs[first]["input_ids"] = (recs[first]["input_ids"] * 100)[:limit]   # + [CLS], [SEP]
+    long_db = str(tmp_path / "long_val.db")
+    write_txt_db(long_db, recs, src.meta)
+    task = get_task("vqa")
+    cfg = _cfg(val_txt_db=long_db, val_img_db=data["img"])
+    with pytest.raises(ValueError, match=rf"val_txt_db .*long_val.db: its longest text is "
+                                         rf"{limit + 2} tokens .* max_position_embeddings {limit}"):
+        task.check_eval_texts(load_model_config(cfg), cfg)
+    task.check_eval_texts(load_model_config(cfg), _cfg(val_txt_db=data["val"],
+                                                       val_img_db=data["img"]))
+
+
+def test_every_text_too_long_names_max_txt_len(data):
+    from uniter_fast.data.db import open_img_db
+    from uniter_fast.data.vqa import VqaDataset
+    txt = TxtTokLmdb(data["train"], 1)
+    assert txt.n_too_long == 8 and not txt.id2len
+    with pytest.raises(ValueError, match="8 texts longer than max_txt_len 1 were dropped"):
+        VqaDataset(3129, txt, open_img_db(data["img"], _cfg()))
+
+
+def test_run_directory_as_finetuning_checkpoint(vqa_pt, ds_fp32, tmp_path):
+    """A DeepSpeed run directory (or its ckpt/) is a fine-tuning ``checkpoint`` too, as for
+    infer: consolidated, not an IsADirectoryError."""
+    pt, cfg = vqa_pt
+    run = tmp_path / "run"
+    _from_pt(pt, run, cfg, ds_fp32)
+    from uniter_fast.tasks.base import load_state
+    want = torch.load(pt, weights_only=True)
+    for path in (run, run / "ckpt"):
+        got = load_state({"checkpoint": str(path)})
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k].float(), want[k].float()) for k in want)
+
+
+def test_token_id_past_the_vocabulary_names_db_and_record(data, tmp_path):
+    from uniter_fast.data.db import DbError
+    src = TxtTokLmdb(data["val"], -1)
+    recs = {i: dict(src[i]) for i in list(src.id2len)[:2]}
+    bad = next(iter(recs))
+    recs[bad]["input_ids"] = recs[bad]["input_ids"][:2] + [src.v_range[1]]
+    db = str(tmp_path / "vocab.db")
+    write_txt_db(db, recs, src.meta)
+    txt = TxtTokLmdb(db, -1)
+    with pytest.raises(DbError, match=rf"text db .*vocab.db: record '{bad}': input_ids\[2\] is "
+                                      rf"{src.v_range[1]}, past the db's vocabulary"):
+        txt[bad]
+    other = [i for i in recs if i != bad][0]
+    assert txt[other]["input_ids"] == recs[other]["input_ids"]
+
+
+def test_unusable_cache_directory_named(tmp_path):
+    not_a_dir = tmp_path / "cache_file"
+    not_a_dir.write_text("x")
+    with pytest.raises(OSError, match=r"cannot write the cache directory .*cache_file.*"
+                                      r"UNITER_FAST_CACHE"):
+        ensure_task_dbs(vqa, make_spec(vqa, dict(num_train=2, num_val=2)), WORLD,
+                        cache_dir=str(not_a_dir))
+
+
+def test_nlvr2_inference_csv_is_quoted_like_trainings(tmp_path):
+    import csv
+    rows = [('dev-1,"odd"-0', "True"), ("dev-2-0", "False")]
+    task = get_task("nlvr2")
+    path = str(tmp_path / "pred.csv")
+    task.write_predictions(path, rows)
+    task.write_results(str(tmp_path / "val"), "val", 3, rows)
+    with open(path, newline="") as f:
+        assert [tuple(r) for r in csv.reader(f)] == rows
+    assert open(path).read() == open(tmp_path / "val" / "val_results_3_all.csv").read()
