@@ -254,3 +254,29 @@ def test_nlvr2_inference_csv_is_quoted_like_trainings(tmp_path):
     with open(path, newline="") as f:
         assert [tuple(r) for r in csv.reader(f)] == rows
     assert open(path).read() == open(tmp_path / "val" / "val_results_3_all.csv").read()
+
+
+def test_resuming_a_run_as_another_task_is_refused(tmp_path):
+    """An itm run resumed as itm-hn (another loader state) used to die with KeyError: 't'."""
+    from uniter_fast.tasks.base import default_config
+    cfg = json.load(open(default_config("itm")))
+    cfg.update(checkpoint=None, num_train_steps=1, valid_steps=1, save_steps=1,
+               train_batch_size=4, hard_neg_size=2, output_dir=str(tmp_path / "run"),
+               synthetic_task=dict(cfg["synthetic_task"], num_train=12, num_val=6, num_test=6))
+    path = str(tmp_path / "itm.json")
+    json.dump(cfg, open(path, "w"))
+    ft = os.path.join(ROOT, "uniter_fast", "finetune.py")
+    env = dict(os.environ, UNITER_FAST_CACHE=str(tmp_path / "cache"))
+
+    def run(task, *extra):
+        return subprocess.run([sys.executable, ft, "--task", task, "--config", path,
+                               "--deepspeed_config", os.path.join(ROOT, "ds.json"),
+                               "--precision", "fp32", "--no_progress", *extra], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+    p = run("itm")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run("itm-hn", "--resume", "--num_train_steps", "2", "--allow_config_change")
+    assert p.returncode != 0
+    assert "is a checkpoint of a 'itm' run; this command runs 'itm-hn'" in p.stderr, \
+        p.stderr[-3000:]
+    assert "KeyError" not in p.stderr

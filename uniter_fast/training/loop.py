@@ -172,6 +172,12 @@ class Trainer:
         rewind the metrics files to its step, so the run reads as one."""
         client = ckpt_lib.load(self.engine, self.ckpt_dir, tag, self.settings,
                                trust=getattr(self.args, "trust_checkpoint", False))
+        stored_task = client.get("task")
+        if stored_task is not None and stored_task != self.task.name:
+            raise ValueError(f"{self.ckpt_dir}/{tag} is a checkpoint of a {stored_task!r} run; "
+                             f"this command runs {self.task.name!r}: resume it with the task "
+                             f"it was made with, or start a new run (--output_dir) from its "
+                             f"weights (the config's checkpoint)")
         self.global_step = int(client.get("global_step", 0))
         self.resumed = self.global_step > 0
         if client.get("data") is not None:      # None: made by export from-pt
