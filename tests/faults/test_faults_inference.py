@@ -280,3 +280,40 @@ def test_resuming_a_run_as_another_task_is_refused(tmp_path):
     assert "is a checkpoint of a 'itm' run; this command runs 'itm-hn'" in p.stderr, \
         p.stderr[-3000:]
     assert "KeyError" not in p.stderr
+
+
+def test_vcr_inference_on_an_empty_db_is_named(data, tmp_path):
+    from uniter_fast.data.vcr import write_vcr_txt_db
+    from uniter_fast.tasks.vcr import _eval_dataset
+    db = str(tmp_path / "vcr_empty.db")
+    write_vcr_txt_db(db, {}, TxtTokLmdb(data["val"], -1).meta)
+    with pytest.raises(ValueError, match=r"VCR text db .*vcr_empty.db holds no question"):
+        _eval_dataset(db, "vcr_gt_x;vcr_det_x", _cfg())
+
+
+def test_a_failing_validation_keeps_the_steps_checkpoint(data, tmp_path):
+    """Validation runs after the step's checkpoint is saved: a val db that fails at its
+    first read (a token id past the vocabulary) loses no step, the final one included."""
+    from uniter_fast.tasks.base import default_config
+    src = TxtTokLmdb(data["val"], -1)
+    recs = {i: dict(src[i]) for i in src.id2len}
+    bad = next(iter(recs))
+    recs[bad]["input_ids"] = recs[bad]["input_ids"][:1] + [src.v_range[1]]
+    val = str(tmp_path / "bad_val.db")
+    write_txt_db(val, recs, src.meta)
+    cfg = json.load(open(default_config("vqa")))
+    train = ensure_task_dbs(vqa, make_spec(vqa, dict(num_train=40, num_val=2, per_item=2)),
+                            WORLD, cache_dir=str(tmp_path / "cache"))
+    cfg.update(checkpoint=None, train_txt_dbs=[train["train"]], train_img_dbs=[train["img"]],
+               val_txt_db=val, val_img_db=data["img"], num_train_steps=2, valid_steps=2,
+               save_steps=2, train_batch_size=128, output_dir=str(tmp_path / "run"))
+    path = str(tmp_path / "vqa.json")
+    json.dump(cfg, open(path, "w"))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "uniter_fast", "finetune.py"),
+                        "--task", "vqa", "--config", path, "--deepspeed_config",
+                        os.path.join(ROOT, "ds.json"), "--precision", "fp32", "--no_progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "past the db's vocabulary" in p.stderr, p.stderr[-3000:]
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "global_step2"
+    assert (ckpt / "global_step2").is_dir()
