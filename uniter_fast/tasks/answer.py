@@ -12,11 +12,13 @@ from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..constants import BUCKET_SIZE
 from ..data.db import TxtTokLmdb, open_img_db
 from ..data.loader import TaskLoader, move_to_device
 from ..data.sampler import TokenBucketSampler
+from ..evaluation import answer_scores
 from ..files import atomic_write
 from ..training.task import RunContext
 from ..training.validation import reduce_sums, val_batches
@@ -28,12 +30,21 @@ from .base import (
 )
 from .inference import Progress, amp_dtype, claim_outputs, db_name, load_strict, load_weights
 
-__all__ = ["AnswerTask", "validate_answers", "infer_answers", "DEFAULT_BATCH_TOKENS"]
+__all__ = ["AnswerTask", "validate_answers", "infer_answers", "soft_score_metrics",
+           "DEFAULT_BATCH_TOKENS"]
 
 #: the original inf scripts' default batch (tokens)
 DEFAULT_BATCH_TOKENS = 8192
 #: the counters summed over ranks at validation
 _COUNTERS = ("loss", "score", "correct", "n")
+
+
+def soft_score_metrics(logits, batch, sums: Dict[str, float]) -> None:
+    """A labelled batch of soft-score targets (VQA, VE): summed BCE, VQA score, count."""
+    t = batch["targets"].float()
+    sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, t, reduction="sum"))
+    sums["score"] += float(answer_scores(logits, t).sum())
+    sums["n"] += t.size(0)
 
 
 def _row_targets(targets, n: int) -> List[Any]:

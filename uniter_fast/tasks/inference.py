@@ -20,7 +20,7 @@ from ..training.config import read_json
 
 __all__ = ["CheckpointSource", "resolve_checkpoint", "load_weights", "load_strict",
            "is_pretraining_state", "load_pretrained_weights",
-           "inference_config", "Progress", "amp_dtype", "autocast", "write_json", "db_name",
+           "inference_config", "Progress", "amp_dtype", "autocast", "write_json", "db_name", "default_output_dir",
            "claim_outputs", "BOX_RULE_ARGS"]
 
 #: the command-line options of ``infer`` that override the run's config as they are
@@ -168,6 +168,14 @@ def write_json(path: str, obj: Any) -> None:
     """``obj`` as JSON at ``path`` (directories made; written atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, json.dumps(obj))
+
+
+def default_output_dir(source: CheckpointSource, name: str) -> str:
+    """Where a task's result files go without ``--output_dir``: ``<run dir>/<name>``, or
+    beside a ``.pt`` file."""
+    if source.run_dir:
+        return os.path.join(source.run_dir, name)
+    return os.path.join(os.path.dirname(os.path.abspath(source.where)), name)
 
 
 def db_name(path: str) -> str:

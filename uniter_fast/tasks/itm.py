@@ -71,6 +71,7 @@ from .inference import (
     amp_dtype,
     claim_outputs,
     db_name,
+    default_output_dir,
     is_pretraining_state,
     load_strict,
     load_weights,
@@ -193,11 +194,8 @@ class ItmTask(FinetuneTask):
         return load_strict(model, sd, source.where), False
 
     def infer(self, args, cfg, source, device):
-        out_dir = args.output_dir or (
-            os.path.join(source.run_dir, f"results_{ItmTask.name}_{db_name(args.txt_db)}")
-            if source.run_dir else
-            os.path.join(os.path.dirname(os.path.abspath(source.where)),
-                         f"results_{ItmTask.name}_{db_name(args.txt_db)}"))
+        out_dir = args.output_dir or default_output_dir(
+            source, f"results_{ItmTask.name}_{db_name(args.txt_db)}")
         files = {k: os.path.join(out_dir, k) for k in ("config.json", "results.bin",
                                                         "scores.json")}
         claim_outputs(list(files.values()), args.overwrite)

@@ -39,7 +39,15 @@ from .base import (
     is_gt_db,
     result_dir,
 )
-from .inference import Progress, autocast, claim_outputs, load_strict, load_weights, write_json
+from .inference import (
+    Progress,
+    autocast,
+    claim_outputs,
+    default_output_dir,
+    load_strict,
+    load_weights,
+    write_json,
+)
 
 #: the original train_re.py's keys beyond the shared ones
 RE_KEYS = frozenset({"train_loss", "margin", "hard_ratio", "mlp", "decay"})
@@ -152,9 +160,7 @@ class ReTask(FinetuneTask):
                             help="where the result files go (default: RUN_DIR/results_re_test)")
 
     def infer(self, args, cfg, source, device):
-        out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{self.name}_test")
-                                      if source.run_dir else
-                                      os.path.dirname(os.path.abspath(source.where)))
+        out_dir = args.output_dir or default_output_dir(source, f"results_{self.name}_test")
         gt = is_gt_db(args.img_db, GT_MARKER)
         split = os.path.basename(os.path.normpath(args.txt_db)).split("_")[-1].split(".")[0]
         boxes = "gt" if gt else "det"

@@ -43,6 +43,7 @@ from .inference import (
     autocast,
     claim_outputs,
     db_name,
+    default_output_dir,
     load_strict,
     load_weights,
     write_json,
@@ -181,9 +182,7 @@ class VcrTask(FinetuneTask):
                             help="where the result files go (default: RUN_DIR/results_vcr_test; files named by tag and txt db)")
 
     def infer(self, args, cfg, source, device):
-        out_dir = args.output_dir or (os.path.join(source.run_dir, f"results_{self.name}_test")
-                                      if source.run_dir else
-                                      os.path.dirname(os.path.abspath(source.where)))
+        out_dir = args.output_dir or default_output_dir(source, f"results_{self.name}_test")
         ds = _eval_dataset(args.txt_db, args.img_db, cfg)
         labelled = ds.split == "val"
         name = f"results_{source.name}_{db_name(args.txt_db)}_all"

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch.nn.functional as F
-
 from ..constants import IMG_DIM
 from ..data.synthetic_tasks import ve as synthetic_ve
 from ..data.ve import VeDataset, VeEvalDataset, ve_collate, ve_eval_collate
@@ -20,7 +18,7 @@ from ..evaluation import answer_scores
 from ..files import atomic_write
 from ..model.build import model_config_path, set_dropout
 from ..model.ve import VE_IDX2ENT, UniterForVisualEntailment
-from .answer import AnswerTask
+from .answer import AnswerTask, soft_score_metrics
 from .inference import write_json
 
 
@@ -49,10 +47,7 @@ class VeTask(AnswerTask):
         return [VE_IDX2ENT[i] for i in logits.argmax(-1).tolist()]
 
     def batch_metrics(self, logits, b, sums):
-        t = b["targets"].float()
-        sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, t, reduction="sum"))
-        sums["score"] += float(answer_scores(logits, t).sum())
-        sums["n"] += t.size(0)
+        soft_score_metrics(logits, b, sums)
 
     def finish_metrics(self, tot, results, split):
         if tot["n"] == 0:

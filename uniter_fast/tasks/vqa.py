@@ -15,8 +15,6 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-import torch.nn.functional as F
-
 from ..constants import IMG_DIM
 from ..data.synthetic_tasks import vqa as synthetic_vqa
 from ..data.vqa import VqaDataset, VqaEvalDataset, load_ans2label, vqa_collate, vqa_eval_collate
@@ -24,7 +22,7 @@ from ..evaluation import answer_scores
 from ..files import atomic_write
 from ..model.build import model_config_path, set_dropout
 from ..model.vqa import UniterForVisualQuestionAnswering
-from .answer import AnswerTask
+from .answer import AnswerTask, soft_score_metrics
 from .inference import load_weights, write_json
 
 #: the answer vocabulary beside a run's checkpoints (as the original)
@@ -123,10 +121,7 @@ class VqaTask(AnswerTask):
         return [self._label2ans[i] for i in logits.argmax(-1).tolist()]
 
     def batch_metrics(self, logits, b, sums):
-        t = b["targets"].float()
-        sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, t, reduction="sum"))
-        sums["score"] += float(answer_scores(logits, t).sum())
-        sums["n"] += t.size(0)
+        soft_score_metrics(logits, b, sums)
 
     def finish_metrics(self, tot, results, split):
         if tot["n"] == 0:
