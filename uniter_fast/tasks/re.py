@@ -43,6 +43,7 @@ from .inference import (
     Progress,
     autocast,
     claim_outputs,
+    db_name,
     default_output_dir,
     load_strict,
     load_weights,
@@ -157,10 +158,11 @@ class ReTask(FinetuneTask):
     # ---------------------------------------------------------------- inference
     def add_infer_args(self, parser):
         parser.add_argument("--output_dir", default=None,
-                            help="where the result files go (default: RUN_DIR/results_re_test)")
+                            help="where the result files go (default: RUN_DIR/results_re_<txt db>)")
 
     def infer(self, args, cfg, source, device):
-        out_dir = args.output_dir or default_output_dir(source, f"results_{self.name}_test")
+        out_dir = args.output_dir or default_output_dir(
+            source, f"results_{self.name}_{db_name(args.txt_db)}")
         gt = is_gt_db(args.img_db, GT_MARKER)
         split = os.path.basename(os.path.normpath(args.txt_db)).split("_")[-1].split(".")[0]
         boxes = "gt" if gt else "det"

@@ -179,13 +179,14 @@ class VcrTask(FinetuneTask):
     # ---------------------------------------------------------------- inference
     def add_infer_args(self, parser):
         parser.add_argument("--output_dir", default=None,
-                            help="where the result files go (default: RUN_DIR/results_vcr_test; files named by tag and txt db)")
+                            help="where the result files go (default: RUN_DIR/results_vcr_<txt db>)")
 
     def infer(self, args, cfg, source, device):
-        out_dir = args.output_dir or default_output_dir(source, f"results_{self.name}_test")
+        out_dir = args.output_dir or default_output_dir(
+            source, f"results_{self.name}_{db_name(args.txt_db)}")
         ds = _eval_dataset(args.txt_db, args.img_db, cfg)
         labelled = ds.split == "val"
-        name = f"results_{source.name}_{db_name(args.txt_db)}_all"
+        name = f"results_{source.name}_all"            # inf_vcr.py's names
         out = {"output": os.path.join(out_dir, f"{name}.json")}
         if not labelled:
             out["csv"] = os.path.join(out_dir, f"{name}.csv")
