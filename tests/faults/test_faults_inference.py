@@ -317,3 +317,32 @@ def test_a_failing_validation_keeps_the_steps_checkpoint(data, tmp_path):
     ckpt = tmp_path / "run" / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "global_step2"
     assert (ckpt / "global_step2").is_dir()
+
+
+@pytest.mark.parametrize("test_split", [False, True])
+def test_vcr_long_validation_text_fails_before_training(data, tmp_path, test_split):
+    """VCR's rows are [CLS] q [SEP] a [SEP] r [SEP]: the longest one is found up front."""
+    from uniter_fast.data.vcr import write_vcr_txt_db
+    meta = TxtTokLmdb(data["val"], -1).meta
+    limit = load_model_config(_cfg()).max_position_embeddings
+    target = -1 if test_split else 1
+
+    def rec(q, answers, rationales):
+        return {"input_ids": [7] * q, "input_ids_as": [[7] * a for a in answers],
+                "input_ids_rs": [[7] * r for r in rationales], "qa_target": target,
+                "qar_target": target, "img_fname": ["vcr_gt_a.npz", "vcr_a.npz"]}
+    # question 3, answers up to 9 (the right one, index 1, has 2), rationales up to 50
+    recs = {"ok": rec(3, [4, 4, 4, 4], [5, 5, 5, 5]),
+            "long": rec(3, [9, 2, 5, 5], [50, 6, 6, 6])}
+    db = str(tmp_path / "vcr_val.db")
+    write_vcr_txt_db(db, recs, meta)
+    task = get_task("vcr")
+    # test split: every answer with every rationale (9 + 50); val: the right answer's (2 + 50)
+    want = 3 + (9 if test_split else 2) + 50 + 4
+    assert task.longest_eval_text(db) == want
+    cfg = _cfg(val_txt_db=db, val_img_db="vcr_gt_x;vcr_x")
+    if want > limit:
+        with pytest.raises(ValueError, match=rf"its longest text is {want} tokens"):
+            task.check_eval_texts(load_model_config(cfg), cfg)
+    else:
+        task.check_eval_texts(load_model_config(cfg), cfg)

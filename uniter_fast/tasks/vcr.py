@@ -105,7 +105,21 @@ class VcrTask(FinetuneTask):
         return VcrTxtTokLmdb(txt_db, -1, "qa").meta
 
     def longest_eval_text(self, txt_db):
-        return None       # question + answer + rationale: checked when a batch is built
+        """The longest row validation builds: [CLS] q [SEP] a [SEP] (every answer) and
+        [CLS] q [SEP] a [SEP] r [SEP] (the right answer's, or every answer's on a test db)."""
+        txt = VcrTxtTokLmdb(txt_db, -1, "qa,qar")
+        ids = list(txt.id2len)
+        if not ids:
+            return None
+        test = txt[ids[0]]["qa_target"] < 0
+        longest = 0
+        for id_ in ids:
+            ex = txt[id_]
+            q, ans = len(ex["input_ids"]), [len(a) for a in ex["input_ids_as"]]
+            with_r = ans if test else [ans[int(ex["qa_target"])]]
+            longest = max(longest, q + max(ans) + 3,
+                          q + max(with_r) + max(len(r) for r in ex["input_ids_rs"]) + 4)
+        return longest
 
     def make_model(self, cfg, state=None):
         from_vcr = cfg.get("checkpoint_from", "pretrain") == "vcr_pretrain"
