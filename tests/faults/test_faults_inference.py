@@ -317,6 +317,20 @@ def test_a_failing_validation_keeps_the_steps_checkpoint(data, tmp_path):
     ckpt = tmp_path / "run" / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "global_step2"
     assert (ckpt / "global_step2").is_dir()
+    # the db repaired in place, --resume runs the validation the stop cut short
+    import shutil
+    shutil.rmtree(val)
+    recs[bad]["input_ids"] = recs[bad]["input_ids"][:1]
+    write_txt_db(val, recs, src.meta)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "uniter_fast", "finetune.py"),
+                        "--task", "vqa", "--config", path, "--deepspeed_config",
+                        os.path.join(ROOT, "ds.json"), "--precision", "fp32", "--no_progress",
+                        "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs_out = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    vals = [r for r in recs_out if r.get("event") == "validation"]
+    assert [r["step"] for r in vals] == [2] and "val/score" in vals[0]
+    assert (tmp_path / "run" / "results" / "results_2_all.json").exists()
 
 
 @pytest.mark.parametrize("test_split", [False, True])

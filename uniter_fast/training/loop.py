@@ -196,6 +196,24 @@ class Trainer:
                      lambda r: r.get("step") is None or int(r["step"]) < step)
         barrier()
 
+    def _validation_missing(self, step: int, valid_steps: int, n_steps: int) -> bool:
+        """Whether ``step`` is a validation step whose record the metrics file lacks (every
+        rank reads the shared file after the resume's rewind, so all agree)."""
+        if step % valid_steps != 0 and step != n_steps:
+            return False
+        path = os.path.join(self.out_dir, ckpt_lib.METRICS_FILE)
+        if not os.path.exists(path):
+            return True
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue              # a torn last line of a killed run
+                if r.get("event") == "validation" and r.get("step") == step:
+                    return False
+        return True
+
     def client_state(self) -> Dict[str, Any]:
         return {"global_step": self.global_step, "data": self.train_loader.state_dict(),
                 "rng": _rng_state(), "task": self.task.name, "settings": self.settings,
@@ -262,6 +280,12 @@ class Trainer:
         t_start = time.time()
         t_last, tok_acc, ex_acc = time.time(), 0, 0
         last_val: Dict[str, float] = {}
+        if self.resumed and self._validation_missing(self.global_step, valid_steps, n_steps):
+            # stopped while validating a step whose checkpoint was already saved (the save
+            # comes first): that validation runs now, so no result of the run is lost
+            self.ctx.step = self.global_step
+            last_val = self.validate()
+            log({"step": self.global_step, "event": "validation", **last_val})
         micro = 0
         while self.global_step < n_steps:
             name, batch = self.train_loader.next()
