@@ -13,13 +13,13 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import checkpoint as ckpt_lib
-from ..export import check_keys, consolidate, load_state_dict_file
+from ..export import check_keys, consolidate, fill_tied_weights, load_state_dict_file
 from ..files import atomic_write
 from ..model.model import hidden_size_mismatch
 from ..training.config import read_json
 
 __all__ = ["CheckpointSource", "resolve_checkpoint", "load_weights", "load_strict",
-           "is_pretraining_state", "load_pretrained_weights",
+           "is_pretraining_state", "load_pretrained_weights", "load_weights_filled",
            "inference_config", "Progress", "amp_dtype", "autocast", "write_json", "db_name", "default_output_dir",
            "claim_outputs", "BOX_RULE_ARGS"]
 
@@ -74,10 +74,15 @@ def is_pretraining_state(sd: Dict[str, torch.Tensor]) -> bool:
 def load_pretrained_weights(path: str) -> Dict[str, torch.Tensor]:
     """A training config's ``checkpoint``: a plain state dict file, or a run directory / its
     ``ckpt/`` / a tag directory (consolidated; a pretraining run's with its tied weights)."""
-    source = resolve_checkpoint(path)
+    return load_weights_filled(resolve_checkpoint(path))
+
+
+def load_weights_filled(source: CheckpointSource) -> Dict[str, torch.Tensor]:
+    """:func:`load_weights`, a DeepSpeed checkpoint of the pretraining model with its tied
+    weights filled in (consolidated once)."""
     sd = load_weights(source)
     if source.kind == "deepspeed" and is_pretraining_state(sd):
-        sd = load_weights(source, fill_tied=True)
+        sd = fill_tied_weights(sd)
     return sd
 
 

@@ -74,7 +74,7 @@ from .inference import (
     default_output_dir,
     is_pretraining_state,
     load_strict,
-    load_weights,
+    load_weights_filled,
     write_json,
 )
 
@@ -177,9 +177,7 @@ class ItmTask(FinetuneTask):
         """(model, zero_shot): a retrieval model, or a pretraining one (zero-shot)."""
         config = load_model_config(cfg)
         img_dim = int(cfg.get("img_dim") or IMG_DIM)
-        sd = load_weights(source)
-        if source.kind == "deepspeed" and is_pretraining_state(sd):
-            sd = load_weights(source, fill_tied=True)   # the tied weights are needed too
+        sd = load_weights_filled(source)    # a pretraining model needs its tied weights too
         if is_pretraining_state(sd):
             heads = [v for k, v in sd.items() if k.startswith("region_classifier.net.")
                      and k.endswith(".weight") and v.dim() == 2]
