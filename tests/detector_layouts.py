@@ -86,6 +86,9 @@ def random_weights(net=TINY, seed=0):
         out[k] = v.astype(np.float32)
     # class logits spread out, so classes and confidences vary between boxes
     out["roi_heads.box_predictor.cls_score.weight"] *= 8
+    # small RPN deltas: proposals near their anchors, so many distinct boxes survive NMS
+    out["proposal_generator.rpn_head.anchor_deltas.weight"] *= 0.02
+    out["proposal_generator.rpn_head.anchor_deltas.bias"] *= 0.02
     return out
 
 

@@ -88,6 +88,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
               ceil: bool = False) -> int:
+    size = max(size, dilation * (kernel - 1) + 1 - 2 * padding) if ceil else size
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     out = (-(-span // stride) if ceil else span // stride) + 1
     if ceil and (out - 1) * stride >= size + padding:
@@ -175,6 +176,11 @@ class Stem(nn.Module):
         if valid is not None:
             x = valid.after(7, 2, 3).zero_padding(x)
         k, s, p, ceil = self.pool_args()
+        short_h, short_w = max(0, k - x.shape[2]), max(0, k - x.shape[3])
+        if short_h or short_w:
+            # a map smaller than the window: one output, the max over what there is (zeros
+            # added after a ReLU change no maximum)
+            x = F.pad(x, (0, short_w, 0, short_h))
         return F.max_pool2d(x, k, s, p, ceil_mode=ceil)
 
 
