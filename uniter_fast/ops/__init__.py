@@ -20,9 +20,12 @@ from .attention import attention
 from .cost import cost_matrix_cosine
 from .ipot import ipot, ipot_distance
 from .layer_norm import gelu, layer_norm
+from .nms import batched_nms, nms
+from .roi_pool import roi_pool
 from .wra import optimal_transport_dist
 
 __all__ = ["attention", "ipot", "ipot_distance", "optimal_transport_dist", "cost_matrix_cosine",
-           "layer_norm", "gelu", "use_backend", "available_backends", "registered_backends",
-           "current_backend", "unavailable_reason", "selected_backend",
+           "layer_norm", "gelu", "nms", "batched_nms", "roi_pool", "use_backend",
+           "available_backends", "registered_backends", "current_backend", "unavailable_reason",
+           "selected_backend",
            "BackendUnavailableError"]
