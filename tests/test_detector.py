@@ -574,3 +574,20 @@ def test_rpn_proposals_against_a_plain_implementation(files):
     want = torch.tensor(kept[:40], dtype=torch.float32).reshape(-1, 4)
     assert got.shape == want.shape and got.shape[0] >= 10
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_speed_settings_change_no_result(files):
+    """Folded norms, res5 on parity subgrids, channels-last and RoI chunks against the plain
+    way (norms apart, dilated convolutions, NCHW, every RoI at once)."""
+    imgs = _images()
+    fast = Extractor(load_detector(files["bin"], SMALL), min_bb=3, max_bb=25, roi_chunk=7)
+    plain = Extractor(load_detector(files["bin"], SMALL), min_bb=3, max_bb=25,
+                      channels_last=False, fold_norms=False, subgrids=False, roi_chunk=10**6)
+    assert fast.model.roi_heads.subgrids and not plain.model.roi_heads.subgrids
+    timings = {}
+    recs = fast.run([fast.prepare(im) for im in imgs], timings=timings)
+    assert set(timings) == {"backbone", "rpn", "res5_head", "selection"}
+    for a, b in zip(recs, plain(imgs, batch_size=1)):
+        np.testing.assert_array_equal(a["obj_ids"], b["obj_ids"])
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
+        np.testing.assert_allclose(a["features"], b["features"], rtol=1e-3, atol=1e-3)

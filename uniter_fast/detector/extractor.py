@@ -18,6 +18,7 @@ are pooled on those proposals, as the original extraction.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -59,7 +60,8 @@ class Extractor:
     def __init__(self, model: BottomUpDetector, *, device: str = "cpu", precision: str = "fp32",
                  conf_th: float = DEFAULT_CONF_TH, max_bb: int = DEFAULT_MAX_BB,
                  min_bb: int = DEFAULT_MIN_BB, num_bb: Optional[int] = None,
-                 channels_last: Optional[bool] = None, roi_chunk: int = 256):
+                 channels_last: bool = True, fold_norms: bool = True,
+                 subgrids: bool = True, roi_chunk: int = 256):
         if num_bb is not None and num_bb < 1:
             raise ValueError(f"num_bb must be >= 1, got {num_bb}")
         if num_bb is None and not 1 <= min_bb <= max_bb:
@@ -71,13 +73,15 @@ class Extractor:
         self.precision = precision
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.roi_chunk = roi_chunk
-        if channels_last is None:
-            channels_last = True
         self.channels_last = bool(channels_last)
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model.fold_norms()
+        # speed settings, none of which changes a result: norms folded into the convolutions,
+        # res5's dilated convolutions on parity subgrids, channels-last activations
+        model = model.fold_norms() if fold_norms else model.unfold_norms()
+        model.roi_heads.subgrids = bool(subgrids) and model.cfg.res5_dilation == 2
+        self.model = model
         self.cfg: DetectorConfig = model.cfg
 
     @classmethod
@@ -94,8 +98,10 @@ class Extractor:
         """Read and preprocess one image (raises :class:`~.image.ImageError`)."""
         return prepare(load_image(src), self.cfg)
 
-    def run(self, images: Sequence[PreparedImage]) -> List[Dict[str, np.ndarray]]:
-        """One padded forward over prepared images; one record per image, in order."""
+    def run(self, images: Sequence[PreparedImage], timings: Optional[Dict[str, float]] = None
+            ) -> List[Dict[str, np.ndarray]]:
+        """One padded forward over prepared images; one record per image, in order.
+        ``timings``: seconds per stage are added (see :meth:`BottomUpDetector.forward`)."""
         if not images:
             return []
         pixels, sizes, scales = pad_batch(images)
@@ -103,8 +109,12 @@ class Extractor:
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         outs = self.model(pixels, sizes, scales, autocast_dtype=self.dtype,
-                          roi_chunk=self.roi_chunk)
-        return [self.record(o, p) for o, p in zip(outs, images)]
+                          roi_chunk=self.roi_chunk, timings=timings)
+        t = time.perf_counter()
+        recs = [self.record(o, p) for o, p in zip(outs, images)]
+        if timings is not None:
+            timings["selection"] = timings.get("selection", 0.0) + time.perf_counter() - t
+        return recs
 
     def record(self, out: DetectorOutput, image: PreparedImage) -> Dict[str, np.ndarray]:
         """UNITER's record of one image from the detector's output (the box rule applied)."""
