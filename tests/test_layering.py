@@ -115,14 +115,15 @@ def test_no_import_circle():
 
 
 def test_layers_point_down():
-    """The lower layers never import the upper ones: ops/kernels/reference/model/data know no
-    training, tasks or drivers; training knows no tasks; export knows no tasks or training."""
+    """The lower layers never import the upper ones: ops/kernels/reference/model/data/detector
+    know no training, tasks or drivers (extract included); training knows no tasks; export
+    knows no tasks or training."""
     graph = _graph()
     upper = {"uniter_fast.training", "uniter_fast.tasks", "uniter_fast.finetune",
-             "uniter_fast.infer", "uniter_fast.train"}
+             "uniter_fast.infer", "uniter_fast.train", "uniter_fast.extract"}
     rules = {
         ("uniter_fast.ops", "uniter_fast.kernels", "uniter_fast.reference", "uniter_fast.model",
-         "uniter_fast.data"): upper | {"uniter_fast.export"},
+         "uniter_fast.data", "uniter_fast.detector"): upper | {"uniter_fast.export"},
         ("uniter_fast.training",): {"uniter_fast.tasks", "uniter_fast.finetune",
                                     "uniter_fast.infer"},
         ("uniter_fast.export",): {"uniter_fast.tasks", "uniter_fast.training"},
