@@ -116,22 +116,27 @@ def test_no_import_circle():
 
 def test_layers_point_down():
     """The lower layers never import the upper ones: ops/kernels/reference/model/data/detector
-    know no training, tasks or drivers (extract included); training knows no tasks; export
-    knows no tasks or training."""
+    know no training, tasks or drivers (extract and prepro included); training knows no
+    tasks; export knows no tasks or training; the prepro library knows no tasks (its
+    command line looks the task up in the registry)."""
     graph = _graph()
     upper = {"uniter_fast.training", "uniter_fast.tasks", "uniter_fast.finetune",
-             "uniter_fast.infer", "uniter_fast.train", "uniter_fast.extract"}
+             "uniter_fast.infer", "uniter_fast.train", "uniter_fast.extract",
+             "uniter_fast.prepro"}
     rules = {
         ("uniter_fast.ops", "uniter_fast.kernels", "uniter_fast.reference", "uniter_fast.model",
          "uniter_fast.data", "uniter_fast.detector"): upper | {"uniter_fast.export"},
         ("uniter_fast.training",): {"uniter_fast.tasks", "uniter_fast.finetune",
                                     "uniter_fast.infer"},
         ("uniter_fast.export",): {"uniter_fast.tasks", "uniter_fast.training"},
+        ("uniter_fast.prepro",): {"uniter_fast.tasks", "uniter_fast.training",
+                                  "uniter_fast.finetune", "uniter_fast.infer"},
     }
     bad = []
     for lows, banned in rules.items():
         for m, targets in graph.items():
-            if m == "uniter_fast.export.__main__" or not m.startswith(lows):
+            if m in ("uniter_fast.export.__main__", "uniter_fast.prepro.__main__") \
+                    or not m.startswith(lows):
                 continue
             for t in targets:
                 if any(t == b or t.startswith(b + ".") for b in banned):
@@ -174,7 +179,8 @@ def test_no_task_name_dispatch_outside_the_tasks():
     for m, (path, _) in MODULES.items():
         if path in own or m in pretraining or not m.startswith(("uniter_fast.tasks", "uniter_fast.training",
                                              "uniter_fast.export", "uniter_fast.finetune",
-                                             "uniter_fast.infer", "uniter_fast.train")):
+                                             "uniter_fast.infer", "uniter_fast.train",
+                                             "uniter_fast.prepro")):
             continue
         tree = ast.parse(open(path).read(), path)
         for node in ast.walk(tree):

@@ -49,6 +49,8 @@ __all__ = ["DbError", "compute_num_bb", "TxtTokLmdb", "DetectFeatLmdb", "write_t
            "check_lmdb_file", "decode_msgpack_numpy"]
 
 _MAP_SIZE = 1 << 34   # 16 GiB of address space (sparse; grows only as written)
+#: records per write transaction of :func:`write_txt_db`
+_TXN_RECORDS = 10000
 
 
 class DbError(ValueError):
@@ -659,29 +661,48 @@ def _img_fnames(img_fname: Any, where: str) -> List[str]:
                   f"got {img_fname!r}")
 
 
-def write_txt_db(db_dir: str, examples: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> None:
-    """Write a text db in UNITER's format.  ``examples``: id -> dict with at least
+def write_txt_db(db_dir: str, examples: Union[Dict[str, Dict[str, Any]],
+                                               Iterable[Tuple[str, Dict[str, Any]]]],
+                 meta: Dict[str, Any]) -> int:
+    """Write a text db in UNITER's format.  ``examples``: id -> dict, or an iterable of
+    ``(id, dict)`` pairs (written as they come, committed every ``_TXN_RECORDS`` records;
+    an id given twice raises :class:`DbError`), each dict with at least
     ``input_ids`` (list of int) and ``img_fname``: an image name (str) or, for a
     record over several images (NLVR2's pair), a list of names; ``txt2img.json``
     then maps the id to that list (as UNITER's ``prepro.py``) and ``img2txts.json``
     lists the id under each of its images.  Other fields (``target``, ...) are
-    stored as they are."""
+    stored as they are.  Returns the number of records written."""
     os.makedirs(db_dir, exist_ok=True)
     env = lmdb.open(db_dir, map_size=_MAP_SIZE, subdir=True)
     id2len, txt2img, img2txts = {}, {}, {}
-    with env.begin(write=True) as txn:
-        for id_, ex in examples.items():
+    items = examples.items() if hasattr(examples, "items") else examples
+    txn = None
+    try:
+        txn = env.begin(write=True)
+        for id_, ex in items:
+            if id_ in id2len:
+                raise DbError(f"text db {db_dir}: record id {id_!r} given twice")
             fnames = _img_fnames(ex.get("img_fname"), f"text db {db_dir}: record {id_!r}")
             txn.put(id_.encode("utf-8"), lz4_compress(msgpack.dumps(ex, use_bin_type=True)))
             id2len[id_] = len(ex["input_ids"])
             txt2img[id_] = ex["img_fname"] if isinstance(ex["img_fname"], str) else fnames
             for f in dict.fromkeys(fnames):
                 img2txts.setdefault(f, []).append(id_)
-    env.close()
+            if len(id2len) % _TXN_RECORDS == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.commit()
+    except BaseException:
+        if txn is not None:
+            txn.abort()          # a finished transaction ignores it
+        raise
+    finally:
+        env.close()
     _atomic_json(os.path.join(db_dir, "id2len.json"), id2len)
     _atomic_json(os.path.join(db_dir, "txt2img.json"), txt2img)
     _atomic_json(os.path.join(db_dir, "img2txts.json"), img2txts)
     _atomic_json(os.path.join(db_dir, "meta.json"), meta)
+    return len(id2len)
 
 
 def write_img_db(img_dir: str, dumps: Dict[str, Dict[str, np.ndarray]], conf_th: float = 0.2,

@@ -287,7 +287,8 @@ class FinetuneTask(TrainTask, abc.ABC):
     config keys), ``default_lr_mul`` (the original script's default), ``synthetic_data``
     (its generator module of :mod:`uniter_fast.data.synthetic_tasks`, or None),
     ``reinit_unseen_words`` (fresh embeddings for words the synthetic pretraining never
-    saw, see :func:`~uniter_fast.training.synthetic_pretrain.fresh_unseen_embeddings`).
+    saw, see :func:`~uniter_fast.training.synthetic_pretrain.fresh_unseen_embeddings`),
+    ``prepro_formats`` (the annotation formats its :meth:`prepro` reads).
     """
 
     name: str = ""
@@ -299,6 +300,9 @@ class FinetuneTask(TrainTask, abc.ABC):
     reinit_unseen_words: bool = False
     #: help of infer's --batch_size (tokens or examples, as the task batches)
     infer_batch_help: str = "batch size"
+    #: the annotation formats ``python -m uniter_fast.prepro`` reads for this task (name ->
+    #: the files it takes); empty: the task has no preprocessing
+    prepro_formats: Dict[str, str] = {}
 
     def __init__(self):
         self.ds_config_path = "ds.json"
@@ -493,6 +497,18 @@ class FinetuneTask(TrainTask, abc.ABC):
         """Run inference on ``args.txt_db`` / ``args.img_db`` with the weights of
         ``source`` (:class:`~uniter_fast.tasks.inference.CheckpointSource`); write the
         original's result files; return the summary printed as JSON."""
+
+    # ---------------------------------------------------------------- preprocessing
+    def add_prepro_args(self, parser) -> None:
+        """The task's own options of ``python -m uniter_fast.prepro``."""
+
+    def prepro(self, files: List[str], fmt: Optional[str], args, ctx):
+        """Text-db examples of the annotation ``files`` in format ``fmt`` (one of
+        :attr:`prepro_formats`; None: told from the files), with the options ``args`` and
+        the shared pieces ``ctx`` (:class:`~uniter_fast.prepro.PreproContext`: tokenizer,
+        bad-input reports, image db); returns a :class:`~uniter_fast.prepro.Prepared`."""
+        raise ValueError(f"task {self.name} has no annotation preprocessing "
+                         "(python -m uniter_fast.prepro)")
 
 
 def task_checkpoint_from_state_dict(task: FinetuneTask, pt_path: str, ckpt_dir: str,

@@ -58,6 +58,16 @@ from ..files import atomic_write
 from ..model import itm as models
 from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, model_config_path, set_dropout
 from ..model.pretrain import UniterForPretraining
+from ..prepro import (
+    BAD_VALUE,
+    UNKNOWN_REFERENCE,
+    Prepared,
+    PreproError,
+    at_index,
+    read_annotation,
+    records,
+    require,
+)
 from .base import (
     ORIGINAL_KEYS,
     OWN_KEYS,
@@ -226,6 +236,76 @@ class ItmTask(FinetuneTask):
                         if k[-1].isdigit()))
         return {"metrics": res, "pairs": total, "pairs_per_s": total / max(wall, 1e-9),
                 "wall_s": wall, "output_dir": out_dir, "zero_shot": zero_shot}
+
+    # ---------------------------------------------------------------- preprocessing
+    prepro_formats = {
+        "coco": "COCO captions JSON (captions_train2014.json: images with file_name, "
+                "annotations with id, image_id, caption)",
+        "jsonl": "JSON lines {image, caption, id (optional)}"}
+
+    def prepro(self, files, fmt, args, ctx):
+        """Retrieval (and pretraining) records, one per caption: a COCO caption's ``id``,
+        ``image_id`` and ``caption``, or a JSON line's fields as they are, plus
+        ``input_ids`` and ``img_fname`` (the key of the image file); keyed by the
+        caption's ``id`` (JSON lines without one: their number, from 0, over all the
+        files' records)."""
+        return Prepared(self._prepro_examples(files, fmt, ctx))
+
+    def _prepro_examples(self, files, fmt, ctx):
+        n = 0
+        for path in files:
+            kind, doc = ("jsonl", None) if fmt == "jsonl" else read_annotation(path)
+            coco = isinstance(doc, dict) and "annotations" in doc
+            if fmt == "coco" and not coco:
+                raise PreproError(f"{path}: not a COCO captions JSON (no 'annotations')")
+            items = (self._coco_captions(path, doc, ctx) if coco else
+                     self._caption_lines(path, kind, doc, ctx))
+            for where, id_, rec in ctx.bar(items, f"captions {os.path.basename(path)}"):
+                id_ = str(n) if id_ is None else str(id_)     # JSON lines without ids
+                n += 1
+                key = ctx.image_key(rec.pop("_image"), where)
+                if key is None or not ctx.image(key, where):
+                    continue
+                input_ids = ctx.tokens(rec["caption"], where, "caption")
+                if input_ids is None:
+                    continue
+                rec["input_ids"], rec["img_fname"] = input_ids, key
+                yield where, id_, rec
+
+    @staticmethod
+    def _coco_captions(path, doc, ctx):
+        images, anns = doc.get("images"), doc["annotations"]
+        if not isinstance(images, list) or not isinstance(anns, list):
+            raise PreproError(f"{path}: 'images' and 'annotations' must be lists")
+        files = {}
+        for i, img in enumerate(images):
+            where = at_index(path, "images", i)
+            if not isinstance(img, dict):
+                ctx.bad(where, BAD_VALUE, "not an object", "left out")
+            elif require(img, ("id", "file_name"), where, ctx.report,
+                         {"id": (int, str), "file_name": str}):
+                files[img["id"]] = img["file_name"]
+        for i, ann in enumerate(anns):
+            where = at_index(path, "annotations", i)
+            if not isinstance(ann, dict):
+                ctx.bad(where, BAD_VALUE, "not an object")
+                continue
+            if not require(ann, ("id", "image_id", "caption"), where, ctx.report,
+                           {"id": (int, str), "image_id": (int, str)}):
+                continue
+            if ann["image_id"] not in files:
+                ctx.bad(where, UNKNOWN_REFERENCE, f"image_id {ann['image_id']!r} is not in "
+                        "'images'")
+                continue
+            yield where, ann["id"], {"id": ann["id"], "image_id": ann["image_id"],
+                                     "caption": ann["caption"],
+                                     "_image": files[ann["image_id"]]}
+
+    @staticmethod
+    def _caption_lines(path, kind, doc, ctx):
+        for where, ex in records(path, ctx.report, kind, doc):
+            if require(ex, ("image", "caption"), where, ctx.report, {"image": str}):
+                yield where, ex.get("id"), dict(ex, _image=ex["image"])
 
 
 class _PairLoader:

@@ -23,6 +23,15 @@ from ..evaluation import nlvr2_consistency
 from ..files import atomic_write
 from ..model import nlvr2 as models
 from ..model.build import model_config_path, set_dropout
+from ..prepro import (
+    BAD_VALUE,
+    MISSING_IMAGE,
+    Prepared,
+    PreproError,
+    load_json,
+    read_jsonl,
+    require,
+)
 from .answer import AnswerTask
 
 #: the ``model`` values: the original's three NLVR2 models
@@ -124,3 +133,62 @@ class Nlvr2Task(AnswerTask):
     def write_predictions(self, path, results):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, _csv(results))
+
+    # ---------------------------------------------------------------- preprocessing
+    prepro_formats = {"nlvr2": "NLVR2's JSON-lines files (train.json, dev.json, test1.json)"}
+
+    def add_prepro_args(self, parser):
+        parser.add_argument("--missing_imgs", default=None,
+                            help="NLVR2: a JSON list of image names (nlvr2_...-img0.npz) whose "
+                                 "pairs are left out (the original's missing_nlvr2_imgs.json)")
+
+    def prepro(self, files, fmt, args, ctx):
+        """The original ``prepro.py``'s ``process_nlvr2``: each line's object as it is plus
+        ``input_ids``, ``img_fname`` (the pair ``nlvr2_<identifier without its last part>
+        -img0.npz`` / ``-img1.npz``: the image keys of ``<id>-img0.png`` with the prefix
+        ``nlvr2_`` unless ``--img_prefix`` says otherwise) and ``target`` (1 for the label
+        ``"True"``, 0 for ``"False"``, None without a label), keyed by ``identifier``."""
+        path = getattr(args, "missing_imgs", None)
+        missing = load_json(path, "--missing_imgs") if path else []
+        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+            raise PreproError(f"--missing_imgs {path}: must be a JSON list of image names")
+        return Prepared(self._prepro_examples(files, set(missing), ctx))
+
+    def _prepro_examples(self, files, missing, ctx):
+        for path in files:
+            lines = read_jsonl(path, ctx.report)
+            for where, ex in ctx.bar(lines, f"NLVR2 {os.path.basename(path)}"):
+                if not require(ex, ("identifier", "sentence"), where, ctx.report,
+                               {"identifier": str}):
+                    continue
+                id_ = ex["identifier"]
+                img_id = "-".join(id_.split("-")[:-1])
+                if not img_id:
+                    ctx.bad(where, BAD_VALUE, f"identifier {id_!r} is not <split>-<set>-"
+                            "<pair>-<sentence>")
+                    continue
+                names = [ctx.image_key(f"{img_id}-img{k}.png", where, "nlvr2_")
+                         for k in (0, 1)]
+                if None in names:
+                    continue
+                gone = [n for n in names if n in missing]
+                if gone:
+                    ctx.bad(where, MISSING_IMAGE, f"{gone[0]} is in --missing_imgs")
+                    continue
+                if not all(ctx.image(n, where) for n in names):
+                    continue
+                input_ids = ctx.tokens(ex["sentence"], where, "sentence")
+                if input_ids is None:
+                    continue
+                if "label" in ex:
+                    if ex["label"] not in ("True", "False"):
+                        ctx.bad(where, BAD_VALUE, f"label {ex['label']!r} is neither 'True' "
+                                "nor 'False'")
+                        continue
+                    target = 1 if ex["label"] == "True" else 0
+                else:
+                    target = None
+                ex["input_ids"] = input_ids
+                ex["img_fname"] = tuple(names)
+                ex["target"] = target
+                yield where, id_, ex

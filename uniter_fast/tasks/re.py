@@ -22,13 +22,33 @@ import torch
 from ..constants import IMG_DIM
 from ..data.db import open_img_db
 from ..data.loader import TaskLoader, move_to_device
-from ..data.re import ReDataset, ReEvalDataset, ReTxtTokLmdb, re_collate, re_eval_collate
+from ..data.re import (
+    ReDataset,
+    ReEvalDataset,
+    ReTxtTokLmdb,
+    re_collate,
+    re_det_img_name,
+    re_eval_collate,
+    re_gt_img_name,
+)
 from ..data.sampler import ExampleSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import re as synthetic_re
 from ..eval.re import re_accuracy, re_eval_batch
 from ..files import atomic_write
 from ..model.build import DEFAULT_MAX_TXT_LEN, model_config_path, set_dropout
 from ..model.re import UniterForReferringExpressionComprehension, re_train_loss
+from ..prepro import (
+    BAD_VALUE,
+    MISSING_FIELD,
+    MISSING_IMAGE,
+    UNKNOWN_REFERENCE,
+    Prepared,
+    PreproError,
+    at_index,
+    load_json,
+    load_pickle,
+    require,
+)
 from ..training.validation import reduce_sums, val_batches
 from .base import (
     ORIGINAL_KEYS,
@@ -188,3 +208,154 @@ class ReTask(FinetuneTask):
         acc = re_accuracy(correct, len(preds))
         print(f"{split}-acc({boxes}): {acc * 100:.2f}%")
         return {"metrics": {"acc": acc}, "output": path}
+
+    # ---------------------------------------------------------------- preprocessing
+    prepro_formats = {"refer": "refer's refs(DATASET).p, instances.json and the "
+                               "iid_to_ann_ids.json of the ground-truth image db, in this "
+                               "order (the original prepro.py's three --annotations)"}
+
+    def add_prepro_args(self, parser):
+        parser.add_argument("--split", default=None,
+                            help="RE: the refs' split to write (train, val, testA, ...; "
+                                 "default: from --out's name as the original: "
+                                 "refcoco_testA.db -> testA)")
+
+    def prepro(self, files, fmt, args, ctx):
+        """The original ``prepro.py``'s ``process_referring_expressions``: one record per
+        sentence of the split's refs (``sent_id``, ``sent``, ``ref_id``, ``ann_id``,
+        ``image_id``, ``bbox`` of the referred annotation, ``input_ids``, ``img_fname``),
+        keyed by sentence id, and ``images.json`` (with each image's ``ann_ids`` in the
+        ground-truth image db's box order, from ``iid_to_ann_ids.json``),
+        ``annotations.json``, ``categories.json``, ``refs.json`` of the split.  With
+        ``--img_db``, each image must be in it and, in a ground-truth db (``coco_gt`` in its
+        name), have one box per entry of its ``ann_ids`` (as the training dataset
+        requires)."""
+        if len(files) != 3:
+            raise PreproError(f"RE takes 3 --annotations (refs(DATASET).p, instances.json, "
+                              f"iid_to_ann_ids.json), got {len(files)}")
+        split = getattr(args, "split", None) or _split_of(getattr(args, "out", ""))
+        refs = load_pickle(files[0], "refs pickle")
+        instances = load_json(files[1], "instances")
+        iid = load_json(files[2], "iid_to_ann_ids")
+        if not isinstance(refs, list):
+            raise PreproError(f"refs pickle {files[0]}: a {type(refs).__name__}, not a list "
+                              "of refs")
+        if not isinstance(instances, dict) or not all(
+                isinstance(instances.get(k), list)
+                for k in ("images", "annotations", "categories")):
+            raise PreproError(f"instances {files[1]}: not COCO instances (images, "
+                              "annotations, categories lists)")
+        if not isinstance(iid, dict) or not isinstance(iid.get("iid_to_ann_ids"), dict):
+            raise PreproError(f"iid_to_ann_ids {files[2]}: lacks the 'iid_to_ann_ids' "
+                              "object (image id -> ann ids)")
+        iid = iid["iid_to_ann_ids"]
+        ok_refs = []
+        for i, ref in enumerate(refs):
+            where = at_index(files[0], None, i)
+            if not isinstance(ref, dict):
+                ctx.bad(where, BAD_VALUE, f"a {type(ref).__name__}, not a ref")
+            elif require(ref, ("ref_id", "ann_id", "image_id", "split", "sentences",
+                               "sent_ids"), where, ctx.report,
+                         {"sentences": list, "sent_ids": list, "image_id": (int, str),
+                          "ann_id": (int, str), "split": str}):
+                ok_refs.append((where, ref))
+        in_split = [(w, r) for w, r in ok_refs if r["split"] == split]
+        if not in_split:
+            have = sorted({str(r["split"]) for _, r in ok_refs})
+            raise PreproError(f"refs pickle {files[0]}: no ref of split {split!r} (it has "
+                              f"{have})")
+        image_set = {r["image_id"] for _, r in in_split}
+        images, ann_ids_of = [], {}
+        for j, img in enumerate(instances["images"]):
+            if not isinstance(img, dict) or img.get("id") not in image_set:
+                continue
+            where = at_index(files[1], "images", j)
+            if not require(img, ("file_name", "height", "width"), where, ctx.report):
+                continue
+            ids = iid.get(str(img["id"]))
+            if not isinstance(ids, list):
+                ctx.bad(where, MISSING_FIELD, f"image {img['id']} has no ann ids in "
+                        f"{files[2]}", "left out with its sentences")
+                continue
+            images.append({"id": img["id"], "file_name": img["file_name"], "ann_ids": ids,
+                           "height": img["height"], "width": img["width"]})
+            ann_ids_of[img["id"]] = ids
+        annotations = []
+        for j, ann in enumerate(instances["annotations"]):
+            if not isinstance(ann, dict) or ann.get("image_id") not in image_set:
+                continue
+            if require(ann, ("id", "area", "bbox", "category_id", "iscrowd"),
+                       at_index(files[1], "annotations", j), ctx.report):
+                annotations.append({"id": ann["id"], "area": ann["area"], "bbox": ann["bbox"],
+                                    "image_id": ann["image_id"],
+                                    "category_id": ann["category_id"],
+                                    "iscrowd": ann["iscrowd"]})
+        files_out = {"images.json": images, "annotations.json": annotations,
+                     "categories.json": instances["categories"],
+                     "refs.json": [r for _, r in in_split]}
+        return Prepared(self._prepro_examples(in_split, ann_ids_of, annotations, ctx),
+                        files=files_out, meta={"split": split})
+
+    def _prepro_examples(self, refs, ann_ids_of, annotations, ctx):
+        anns = {a["id"]: a for a in annotations}
+        gt_db = ctx.images is not None and is_gt_db(ctx.images.img_dir, GT_MARKER)
+        checked = {}
+        for where, ref in ctx.bar(refs, "referring expressions", total=len(refs), unit="ref"):
+            image_id, ann_id = ref["image_id"], ref["ann_id"]
+            problem = None
+            if image_id not in ann_ids_of:
+                problem = (UNKNOWN_REFERENCE, f"image {image_id!r} is not in images.json")
+            elif ann_id not in anns:
+                problem = (UNKNOWN_REFERENCE, f"ann_id {ann_id!r} is not an annotation of "
+                           f"image {image_id!r} in instances.json")
+            elif ann_id not in ann_ids_of[image_id]:
+                problem = (UNKNOWN_REFERENCE, f"ann_id {ann_id!r} is not among image "
+                           f"{image_id!r}'s ann_ids (iid_to_ann_ids.json)")
+            elif ctx.images is not None:
+                if image_id not in checked:
+                    checked[image_id] = self._check_image(image_id, ann_ids_of[image_id],
+                                                          gt_db, ctx)
+                problem = checked[image_id]
+            for k, sent in enumerate(ref["sentences"]):
+                at = f"{where}.sentences[{k}]"
+                if problem is not None:
+                    ctx.bad(at, *problem)
+                    continue
+                if not isinstance(sent, dict):
+                    ctx.bad(at, BAD_VALUE, f"a {type(sent).__name__}, not a sentence")
+                    continue
+                if not require(sent, ("sent_id", "sent"), at, ctx.report):
+                    continue
+                input_ids = ctx.tokens(sent["sent"], at, "sent")
+                if input_ids is None:
+                    continue
+                yield at, str(sent["sent_id"]), {
+                    "sent_id": sent["sent_id"], "sent": sent["sent"], "ref_id": ref["ref_id"],
+                    "ann_id": ann_id, "image_id": image_id, "bbox": anns[ann_id]["bbox"],
+                    "input_ids": input_ids, "img_fname": re_gt_img_name(image_id)}
+
+    @staticmethod
+    def _check_image(image_id, ann_ids, gt_db, ctx):
+        """(reason, detail) when the image db cannot serve ``image_id``, else None."""
+        try:
+            key = re_gt_img_name(image_id) if gt_db else re_det_img_name(image_id)
+        except (TypeError, ValueError):
+            return BAD_VALUE, f"image_id {image_id!r} is not a number"
+        if key not in ctx.images:
+            return MISSING_IMAGE, f"{key} is not in the image db {ctx.images.img_dir}"
+        if gt_db:
+            n = ctx.images.boxes(key)
+            if n != len(ann_ids):
+                return BAD_VALUE, (f"the image db has {n} boxes for {key}, its ann_ids "
+                                   f"(iid_to_ann_ids.json) {len(ann_ids)}")
+        return None
+
+
+def _split_of(out: str) -> str:
+    """The split in a text db's name as the original took it: ``refcoco_testA.db`` ->
+    ``testA``."""
+    parts = os.path.basename(os.path.normpath(out or ".")).split(".")[0].split("_")
+    if len(parts) < 2 or not parts[1]:
+        raise PreproError(f"--out {out}: no split in the name (the original reads it from "
+                          "<dataset>_<split>.db); give --split")
+    return parts[1]

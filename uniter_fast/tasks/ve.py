@@ -17,7 +17,8 @@ from ..data.ve import VeDataset, VeEvalDataset, ve_collate, ve_eval_collate
 from ..evaluation import answer_scores
 from ..files import atomic_write
 from ..model.build import model_config_path, set_dropout
-from ..model.ve import VE_IDX2ENT, UniterForVisualEntailment
+from ..model.ve import VE_ENT2IDX, VE_IDX2ENT, UniterForVisualEntailment
+from ..prepro import BAD_VALUE, Prepared, read_jsonl, require
 from .answer import AnswerTask, soft_score_metrics
 from .inference import write_json
 
@@ -70,3 +71,45 @@ class VeTask(AnswerTask):
 
     def write_predictions(self, path, results):
         write_json(path, {q: a for q, a in results})
+
+    # ---------------------------------------------------------------- preprocessing
+    prepro_formats = {"snli-ve": "SNLI-VE's JSON-lines files (snli_ve_train.jsonl, ...: "
+                                 "Flikr30kID, sentence2, gold_label, pairID)"}
+
+    def prepro(self, files, fmt, args, ctx):
+        """VE records, keyed by ``pairID``: ``pairID``, ``Flikr30kID``, ``captionID``,
+        ``sentence2`` (the hypothesis: ``input_ids``), ``gold_label``, ``img_fname`` (the
+        key of the Flickr30k image) and ``target = {"labels": [label], "scores": [1.0]}``
+        with the labels of :data:`~uniter_fast.model.ve.VE_ENT2IDX` (contradiction 0,
+        entailment 1, neutral 2); a line without ``gold_label`` is unlabelled (no
+        ``target``)."""
+        return Prepared(self._prepro_examples(files, ctx))
+
+    def _prepro_examples(self, files, ctx):
+        for path in files:
+            lines = read_jsonl(path, ctx.report)
+            for where, ex in ctx.bar(lines, f"SNLI-VE {os.path.basename(path)}"):
+                if not require(ex, ("pairID", "Flikr30kID", "sentence2"), where, ctx.report,
+                               {"pairID": (str, int), "Flikr30kID": (str, int)}):
+                    continue
+                label = ex.get("gold_label")
+                if "gold_label" in ex and label not in VE_ENT2IDX:
+                    ctx.bad(where, BAD_VALUE, f"gold_label {label!r} is not one of "
+                            f"{sorted(VE_ENT2IDX)}")
+                    continue
+                key = ctx.image_key(str(ex["Flikr30kID"]), where)
+                if key is None or not ctx.image(key, where):
+                    continue
+                input_ids = ctx.tokens(ex["sentence2"], where, "sentence2")
+                if input_ids is None:
+                    continue
+                rec = {k: ex[k] for k in _VE_FIELDS if k in ex}
+                rec["input_ids"] = input_ids
+                rec["img_fname"] = key
+                if "gold_label" in ex:
+                    rec["target"] = {"labels": [VE_ENT2IDX[label]], "scores": [1.0]}
+                yield where, str(ex["pairID"]), rec
+
+
+#: the SNLI-VE fields a record keeps (the premise's parse trees and the like are left out)
+_VE_FIELDS = ("pairID", "Flikr30kID", "captionID", "sentence2", "gold_label")
