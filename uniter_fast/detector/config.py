@@ -8,7 +8,9 @@ for the public Visual Genome checkpoints; the settings part has two presets:
 
 * ``"uniter"`` (default): UNITER's extraction, the original caffe ``generate_npz.py`` /
   ``generate_tsv.py``: shorter side 600, longer side at most 1000, 300 RPN proposals;
-* ``"lxmert"``: the Hugging Face LXMERT demo's 800 / 1333.
+* ``"lxmert"``: the Hugging Face LXMERT demo's 800 / 1333;
+* ``"small"``: shorter side 300, longer at most 500, 100 proposals: quick tries (the
+  walk-through's generated detector), not UNITER's features.
 
 The numbers are the Visual Genome model's (py-bottom-up-attention's
 ``faster_rcnn_R_101_C4_attr_caffemaxpool.yaml``, the caffe ``test.prototxt``).
@@ -123,4 +125,5 @@ class DetectorConfig:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "uniter": {"min_size": 600, "max_size": 1000},
     "lxmert": {"min_size": 800, "max_size": 1333},
+    "small": {"min_size": 300, "max_size": 500, "rpn_post_nms_topk": 100},
 }
