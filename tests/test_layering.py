@@ -116,13 +116,13 @@ def test_no_import_circle():
 
 def test_layers_point_down():
     """The lower layers never import the upper ones: ops/kernels/reference/model/data/detector
-    know no training, tasks or drivers (extract and prepro included); training knows no
+    know no training, tasks or drivers (extract, prepro and predict included); training knows no
     tasks; export knows no tasks or training; the prepro library knows no tasks (its
     command line looks the task up in the registry)."""
     graph = _graph()
     upper = {"uniter_fast.training", "uniter_fast.tasks", "uniter_fast.finetune",
              "uniter_fast.infer", "uniter_fast.train", "uniter_fast.extract",
-             "uniter_fast.prepro"}
+             "uniter_fast.prepro", "uniter_fast.predict"}
     rules = {
         ("uniter_fast.ops", "uniter_fast.kernels", "uniter_fast.reference", "uniter_fast.model",
          "uniter_fast.data", "uniter_fast.detector"): upper | {"uniter_fast.export"},
@@ -180,7 +180,7 @@ def test_no_task_name_dispatch_outside_the_tasks():
         if path in own or m in pretraining or not m.startswith(("uniter_fast.tasks", "uniter_fast.training",
                                              "uniter_fast.export", "uniter_fast.finetune",
                                              "uniter_fast.infer", "uniter_fast.train",
-                                             "uniter_fast.prepro")):
+                                             "uniter_fast.prepro", "uniter_fast.predict")):
             continue
         tree = ast.parse(open(path).read(), path)
         for node in ast.walk(tree):

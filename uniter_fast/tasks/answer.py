@@ -220,3 +220,56 @@ class AnswerTask(FinetuneTask):
 
     def infer(self, args, cfg, source, device, weights=None):
         return infer_answers(self, args, cfg, source, device, weights)
+
+    # ---------------------------------------------------------------- predict
+    def predict_item(self, request: Dict[str, Any], ctx) -> Dict[str, Any]:
+        """The eval dataset's item of one ``python -m uniter_fast.predict`` request."""
+        raise ValueError(f"task {self.name} has no predict")
+
+    def predict_answer(self, logits, ctx) -> Dict[str, Any]:
+        """The answer (``answer``, ``score``, ``top``) of one example's logits."""
+        raise ValueError(f"task {self.name} has no predict")
+
+    def predict_requests(self, model, requests, ctx):
+        """Items as the eval dataset's, batched with :meth:`collate` (``False``), the logits
+        as inference computes them, answered by :meth:`predict_answer`."""
+        items = [self.predict_item(r, ctx) for r in requests]
+        collate = self.collate(False)
+        out: List[Dict[str, Any]] = []
+        for chunk in ctx.chunks(items):
+            batch = collate(list(chunk))
+            batch.pop("qids")
+            out.extend(self.predict_answer(row, ctx) for row in ctx.run(model, batch))
+        return out
+
+
+def text_image_item(request: Dict[str, Any], name: str, ctx) -> Dict[str, Any]:
+    """The VQA/VE eval item of a request: ``[CLS] <field name> [SEP]`` and its one image."""
+    row, _ = ctx.text_row(request[name], request["where"], name)
+    feat, pos = ctx.image_inputs(request["images"][0])
+    input_ids = torch.tensor(row)
+    return {"input_ids": input_ids, "img_feat": feat, "img_pos_feat": pos,
+            "attn_masks": torch.ones(len(input_ids) + feat.size(0), dtype=torch.long),
+            "targets": None, "qid": request["id"]}
+
+
+def ranked_labels(scores, names, k: int, logits=None) -> List[Dict[str, Any]]:
+    """The ``k`` best ``{"answer", "score"[, "logit"]}`` of a score vector, best first."""
+    k = min(int(k), scores.numel())
+    top = scores.topk(k)
+    out = []
+    for s, i in zip(top.values.tolist(), top.indices.tolist()):
+        item = {"answer": names[i], "score": float(s)}
+        if logits is not None:
+            item["logit"] = float(logits[i])
+        out.append(item)
+    return out
+
+
+def text_image_alignment(request: Dict[str, Any], name: str, collate, ctx):
+    """``predict_alignment`` of a one-image request: ``[CLS] <field> [SEP]`` and the image."""
+    _, words = ctx.text_row(request[name], request["where"], name)
+    batch = collate([text_image_item(request, name, ctx)])
+    batch.pop("qids", None)
+    n = request["images"][0].num_boxes
+    return batch, words, [[(0, r) for r in range(n)]]

@@ -42,7 +42,7 @@ from ..training.synthetic_pretrain import (
     world_spec,
 )
 from ..training.task import RunContext, TrainTask
-from .inference import load_pretrained_weights
+from .inference import load_pretrained_weights, load_strict, load_weights
 
 __all__ = ["FinetuneTask", "DESCRIPTION", "ORIGINAL_KEYS", "OWN_KEYS", "FINETUNE_OVERRIDES",
            "CLI_OVERRIDES", "default_config", "normalize_config", "resolve_synthetic",
@@ -497,6 +497,47 @@ class FinetuneTask(TrainTask, abc.ABC):
         """Run inference on ``args.txt_db`` / ``args.img_db`` with the weights of
         ``source`` (:class:`~uniter_fast.tasks.inference.CheckpointSource`); write the
         original's result files; return the summary printed as JSON."""
+
+    # ---------------------------------------------------------------- predict
+    #: the text fields of a ``python -m uniter_fast.predict`` request: name -> (kind,
+    #: required, help); kind ``"text"`` (one string) or ``"texts"`` (one or more: the option
+    #: repeated, a JSON list); empty: the task has no predict
+    predict_fields: Dict[str, Tuple[str, bool, str]] = {}
+    #: image files per request (NLVR2: the left and the right image)
+    predict_images: int = 1
+
+    def add_predict_args(self, parser) -> None:
+        """The task's own options of ``python -m uniter_fast.predict``: one per field of
+        :attr:`predict_fields` (tasks add the inference options their config reads)."""
+        for name, (kind, _, help_) in self.predict_fields.items():
+            parser.add_argument(f"--{name}", action="append" if kind == "texts" else "store",
+                                default=None, help=help_)
+
+    def predict_model(self, args, cfg: Dict[str, Any], source) -> torch.nn.Module:
+        """The task model with the weights of ``source``, loaded as :meth:`infer` loads
+        them (``args``: the task's options of :meth:`add_predict_args`)."""
+        return load_strict(self.blank_model(cfg), load_weights(source), source.where, cfg)
+
+    def predict_requests(self, model, requests: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
+        """The answers (JSON objects: ``answer``, ``score``, ``top``, ...) of ``requests``
+        (each: ``id``, ``where``, ``images`` (the images' features,
+        :class:`uniter_fast.predict.ImageFeatures`) and the fields of :attr:`predict_fields`),
+        batched with the task's own collate; ``ctx``: :class:`uniter_fast.predict.
+        PredictContext` (tokens, image inputs, batches, the model call)."""
+        raise ValueError(f"task {self.name} has no predict (python -m uniter_fast.predict)")
+
+    def predict_alignment(self, request: Dict[str, Any], answer: Dict[str, Any], ctx):
+        """What the word-region alignment of a request is computed on: ``(batch, words,
+        regions)``, a collated batch whose every row holds the same sentence, the sentence's
+        words as ``(word, first token, end token)`` positions in a row's text, and per row
+        its regions as ``(image index, region index)``."""
+        raise ValueError(f"task {self.name} has no word-region alignment")
+
+    def predict_picture(self, request: Dict[str, Any], answer: Dict[str, Any]) -> Dict[str, Any]:
+        """What a picture of an answer shows beside the image(s): ``title`` (lines),
+        ``ranked`` (``(label, score)`` lines, best first), ``highlight`` (``(image,
+        region, label)``: the chosen region first)."""
+        return {"title": [], "ranked": [], "highlight": []}
 
     # ---------------------------------------------------------------- preprocessing
     def add_prepro_args(self, parser) -> None:

@@ -53,7 +53,7 @@ from ..data.itm import (
 from ..data.loader import ConcatDatasetWithLens, MetaLoader, TaskLoader
 from ..data.sampler import ExampleSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import itm as synthetic_itm
-from ..eval.itr import gather_score_matrix, itm_dataset_scores, itm_eval
+from ..eval.itr import gather_score_matrix, itm_dataset_scores, itm_eval, itr_score_matrix
 from ..files import atomic_write
 from ..model import itm as models
 from ..model.build import DEFAULT_MAX_TXT_LEN, load_model_config, model_config_path, set_dropout
@@ -236,6 +236,54 @@ class ItmTask(FinetuneTask):
                         if k[-1].isdigit()))
         return {"metrics": res, "pairs": total, "pairs_per_s": total / max(wall, 1e-9),
                 "wall_s": wall, "output_dir": out_dir, "zero_shot": zero_shot}
+
+    # ---------------------------------------------------------------- predict
+    predict_fields = {"text": ("texts", True, "retrieval: a text to score against the image "
+                                              "(repeat the option for several: they are "
+                                              "ranked)")}
+
+    def predict_model(self, args, cfg, source):
+        return self._infer_model(cfg, source)[0]   # a pretraining checkpoint: zero-shot
+
+    def predict_requests(self, model, requests, ctx):
+        """Every text of a request scored against its image with inference's scorer
+        (:func:`~uniter_fast.eval.itr.itr_score_matrix`, the same scores as ``infer``'s
+        score matrix), ranked; requests on the same image scored together."""
+        rows = [[torch.tensor(ctx.text_row(t, r["where"], "text")[0]) for t in r["text"]]
+                for r in requests]
+        groups: Dict[str, list] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r["images"][0].digest, []).append(i)
+        scores: Dict[int, list] = {}
+        for idx in groups.values():
+            texts = [t for i in idx for t in rows[i]]
+            col = itr_score_matrix(model, texts, [requests[idx[0]]["images"][0].inputs()],
+                                   max_tokens=DEFAULT_SCORER_TOKENS,
+                                   amp_dtype=ctx.amp_dtype)[:, 0].float().cpu().tolist()
+            for i in idx:
+                scores[i], col = col[:len(rows[i])], col[len(rows[i]):]
+        out = []
+        for i, r in enumerate(requests):
+            order = sorted(range(len(r["text"])), key=lambda k: -scores[i][k])
+            top = [{"text": r["text"][k], "index": k, "score": scores[i][k]} for k in order]
+            out.append({"answer": top[0]["text"], "score": top[0]["score"],
+                        "scores": scores[i], "top": top})
+        return out
+
+    def predict_alignment(self, request, answer, ctx):
+        """The best-ranked text and the image."""
+        text = answer["top"][0]["text"]
+        row, words = ctx.text_row(text, request["where"], "text")
+        img = request["images"][0]
+        feat, pos = img.inputs()
+        input_ids = torch.tensor(row)
+        pair = {"input_ids": input_ids, "img_feat": feat, "img_pos_feat": pos,
+                "attn_masks": torch.ones(len(input_ids) + feat.size(0), dtype=torch.long)}
+        return itm_rank_collate([[pair]]), words, [[(0, r) for r in range(img.num_boxes)]]
+
+    def predict_picture(self, request, answer):
+        return {"title": ["texts ranked by the retrieval score"],
+                "ranked": [(t["text"], t["score"]) for t in answer["top"]], "highlight": []}
 
     # ---------------------------------------------------------------- preprocessing
     prepro_formats = {

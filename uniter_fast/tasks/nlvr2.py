@@ -14,6 +14,7 @@ import csv
 import io
 import os
 
+import torch
 import torch.nn.functional as F
 
 from ..constants import IMG_DIM
@@ -32,7 +33,7 @@ from ..prepro import (
     read_jsonl,
     require,
 )
-from .answer import AnswerTask
+from .answer import AnswerTask, ranked_labels
 
 #: the ``model`` values: the original's three NLVR2 models
 NLVR2_MODELS = {"paired": models.UniterForNlvr2Paired, "triplet": models.UniterForNlvr2Triplet,
@@ -133,6 +134,65 @@ class Nlvr2Task(AnswerTask):
     def write_predictions(self, path, results):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, _csv(results))
+
+    # ---------------------------------------------------------------- predict
+    predict_fields = {"statement": ("text", True, "NLVR2: the statement about the two images "
+                                                  "(--image left --image right)")}
+    predict_images = 2
+
+    def add_predict_args(self, parser):
+        super().add_predict_args(parser)
+        parser.add_argument("--model", default=None, choices=tuple(NLVR2_MODELS),
+                            help="NLVR2 variant (default: the run's)")
+        parser.add_argument("--use_img_type", default=None, action=argparse.BooleanOptionalAction,
+                            help="NLVR2: image type embeddings (default: the run's setting)")
+
+    def _sides(self, request, ctx):
+        """([CLS] statement [SEP], its words, [(img_feat, img_pos_feat, img_type_ids)] of the
+        left and the right image) as the NLVR2 datasets build them."""
+        row, words = ctx.text_row(request["statement"], request["where"], "statement")
+        sides = []
+        for side, img in enumerate(request["images"]):
+            feat, pos = ctx.image_inputs(img)
+            types = (torch.full((feat.size(0),), side + 1, dtype=torch.long)
+                     if self._use_img_type else None)
+            sides.append((feat, pos, types))
+        return torch.tensor(row), words, sides
+
+    def predict_item(self, request, ctx):
+        input_ids, _, sides = self._sides(request, ctx)
+        if "paired" in self._variant:
+            inputs = [{"input_ids": input_ids, "img_feat": f, "img_pos_feat": p,
+                       "attn_masks": torch.ones(len(input_ids) + f.size(0), dtype=torch.long),
+                       "img_type_ids": t} for f, p, t in sides]
+            return {"inputs": inputs, "targets": None, "qid": request["id"]}
+        feat = torch.cat([f for f, _, _ in sides])
+        return {"input_ids": input_ids, "img_feat": feat,
+                "img_pos_feat": torch.cat([p for _, p, _ in sides]),
+                "attn_masks": torch.ones(len(input_ids) + feat.size(0), dtype=torch.long),
+                "img_type_ids": (torch.cat([t for _, _, t in sides]) if self._use_img_type
+                                 else None),
+                "targets": None, "qid": request["id"]}
+
+    def predict_answer(self, logits, ctx):
+        """True/False by the softmax of the two logits (NLVR2 is trained with cross-entropy);
+        the answer is the arg-max, as inference writes it."""
+        top = ranked_labels(torch.softmax(logits, -1), {0: "False", 1: "True"}, 2, logits)
+        return {"answer": top[0]["answer"], "score": top[0]["score"], "top": top}
+
+    def predict_alignment(self, request, answer, ctx):
+        _, words, _ = self._sides(request, ctx)
+        batch = self.collate(False)([self.predict_item(request, ctx)])
+        batch.pop("qids", None)
+        regions = [[(i, r) for r in range(img.num_boxes)]
+                   for i, img in enumerate(request["images"])]
+        if "paired" not in self._variant:            # one row: both images' regions
+            regions = [regions[0] + regions[1]]
+        return batch, words, regions
+
+    def predict_picture(self, request, answer):
+        return {"title": [f"statement: {request['statement']}", f"-> {answer['answer']}"],
+                "ranked": [(t["answer"], t["score"]) for t in answer["top"]], "highlight": []}
 
     # ---------------------------------------------------------------- preprocessing
     prepro_formats = {"nlvr2": "NLVR2's JSON-lines files (train.json, dev.json, test1.json)"}

@@ -209,6 +209,56 @@ class ReTask(FinetuneTask):
         print(f"{split}-acc({boxes}): {acc * 100:.2f}%")
         return {"metrics": {"acc": acc}, "output": path}
 
+    # ---------------------------------------------------------------- predict
+    predict_fields = {"text": ("text", True, "RE: the referring expression")}
+
+    def _predict_item(self, request, ctx):
+        """The eval dataset's item of a request on its image's detected regions."""
+        row, words = ctx.text_row(request["text"], request["where"], "text")
+        feat, pos = ctx.image_inputs(request["images"][0])
+        input_ids = torch.tensor(row)
+        n = feat.size(0)
+        return {"input_ids": input_ids, "img_feat": feat, "img_pos_feat": pos,
+                "attn_masks": torch.ones(len(input_ids) + n, dtype=torch.long),
+                "obj_masks": torch.zeros(n, dtype=torch.uint8)}, words
+
+    def predict_requests(self, model, requests, ctx):
+        """Each region's score as inference computes it (``re_collate`` batches); the answer
+        is the arg-max region's box [x, y, w, h] in pixels (``inf_re.py``'s ``pred_box``),
+        ``score`` its softmax over the regions (``train_loss`` cls; sigmoid for rank)."""
+        items = [self._predict_item(r, ctx)[0] for r in requests]
+        rank = getattr(model, "loss", "cls") == "rank"
+        out = []
+        for st, chunk in zip(range(0, len(items), ctx.batch_size), ctx.chunks(items)):
+            scores = ctx.run(model, re_collate(list(chunk)))
+            for k, row in enumerate(scores):
+                img = requests[st + k]["images"][0]
+                logits = row[:img.num_boxes]
+                probs = torch.sigmoid(logits) if rank else torch.softmax(logits, -1)
+                boxes = img.boxes_xywh()
+                order = probs.topk(min(ctx.top_k, img.num_boxes)).indices.tolist()
+                best = int(logits.argmax())
+                top = [{"region": r, "box": boxes[r].tolist(), "score": float(probs[r]),
+                        "logit": float(logits[r])} for r in order]
+                out.append({"answer": boxes[best].tolist(), "region": best,
+                            "score": float(probs[best]), "logit": float(logits[best]),
+                            "top": top})
+        return out
+
+    def predict_alignment(self, request, answer, ctx):
+        item, words = self._predict_item(request, ctx)
+        n = request["images"][0].num_boxes
+        return re_collate([item]), words, [[(0, r) for r in range(n)]]
+
+    def predict_picture(self, request, answer):
+        top = answer["top"]
+        return {"title": [f"expression: {request['text']}",
+                          f"-> region {answer['region']} (x, y, w, h = "
+                          f"{', '.join(f'{v:.0f}' for v in answer['answer'])})"],
+                "ranked": [(f"region {t['region']}", t["score"]) for t in top],
+                "highlight": [(0, t["region"], f"{t['region']}: {t['score']:.2f}")
+                              for t in top[:3]]}
+
     # ---------------------------------------------------------------- preprocessing
     prepro_formats = {"refer": "refer's refs(DATASET).p, instances.json and the "
                                "iid_to_ann_ids.json of the ground-truth image db, in this "

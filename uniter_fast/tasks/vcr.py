@@ -24,7 +24,16 @@ from ..data.db import open_img_db
 from ..data.loader import TaskLoader, move_to_device
 from ..data.sampler import ExampleSampler, TokenBucketSampler, config_seed, rank_seed
 from ..data.synthetic_tasks import vcr as synthetic_vcr
-from ..data.vcr import VcrDataset, VcrEvalDataset, VcrTxtTokLmdb, vcr_collate, vcr_eval_collate
+from ..data.vcr import (
+    ANSWER_TYPE,
+    QUESTION_TYPE,
+    RATIONALE_TYPE,
+    VcrDataset,
+    VcrEvalDataset,
+    VcrTxtTokLmdb,
+    vcr_collate,
+    vcr_eval_collate,
+)
 from ..eval.vcr import VcrEvaluator, write_vcr_submission
 from ..model.build import model_config_path, set_dropout
 from ..model.vcr import VCR_NUM_SPECIAL_TOKENS, UniterForVisualCommonsenseReasoning, vcr_train_loss
@@ -226,3 +235,110 @@ class VcrTask(FinetuneTask):
         else:
             write_vcr_submission(ev.results, out["csv"])
         return out
+
+    # ---------------------------------------------------------------- predict
+    predict_fields = {
+        "question": ("text", True, "VCR: the question"),
+        "answer": ("texts", True, "VCR: an answer choice (repeat the option for each)"),
+        "rationale": ("texts", False, "VCR: a rationale choice (repeat for each; optional: "
+                                      "without them only Q->A)")}
+
+    def predict_model(self, args, cfg, source):
+        return load_strict(self.blank_model(dict(cfg, checkpoint_from="pretrain")),
+                           load_weights(source), source.where, cfg)
+
+    def _predict_rows(self, request, ctx):
+        """The rows of ``VcrEvalDataset``'s test layout: [CLS] q [SEP] a [SEP] for every
+        answer, then [CLS] q [SEP] a [SEP] r [SEP] for every answer and rationale (token
+        types 0 question, 2 answer, 3 rationale), each checked to fit; and the words of
+        each Q->A row."""
+        where = request["where"]
+        qw = ctx.words(request["question"], where, "question")
+        q = [t for _, ids in qw for t in ids]
+        tq = [QUESTION_TYPE] * len(q)
+        answers = [ctx.tokens(a, where, f"answer {k}") for k, a in enumerate(request["answer"])]
+        rats = [ctx.tokens(r, where, f"rationale {k}")
+                for k, r in enumerate(request.get("rationale") or [])]
+        rows, types, words = [], [], []
+        for k, a in enumerate(answers):
+            rows.append([ctx.cls_] + q + [ctx.sep] + a + [ctx.sep])
+            types.append([QUESTION_TYPE] + tq + [ANSWER_TYPE] * (len(a) + 2))
+            ctx.fit(len(rows[-1]), where, f"question + answer {k}")
+            spans, pos = [], 1
+            for w, ids in qw:
+                spans.append((w, pos, pos + len(ids)))
+                pos += len(ids)
+            pos += 1
+            for w, ids in ctx.words(request["answer"][k], where, f"answer {k}"):
+                spans.append((w, pos, pos + len(ids)))
+                pos += len(ids)
+            words.append(spans)
+        for k, a in enumerate(answers):
+            qa = [ctx.cls_] + q + [ctx.sep] + a + [ctx.sep]
+            tqa = [QUESTION_TYPE] + tq + [ANSWER_TYPE] * (len(a) + 1)
+            for j, r in enumerate(rats):
+                rows.append(qa + r + [ctx.sep])
+                types.append(tqa + [RATIONALE_TYPE] * (len(r) + 2))
+                ctx.fit(len(rows[-1]), where, f"question + answer {k} + rationale {j}")
+        return rows, types, words
+
+    def _predict_item(self, request, ctx, only=None):
+        rows, types, _ = self._predict_rows(request, ctx)
+        if only is not None:
+            rows, types = [rows[only]], [types[only]]
+        feat, pos = ctx.image_inputs(request["images"][0])
+        outs = [VcrEvalDataset._row(r, t, feat, pos) for r, t in zip(rows, types)]
+        return outs, request["id"], torch.tensor([-1]), torch.tensor([-1])
+
+    def predict_requests(self, model, requests, ctx):
+        """Every row scored as inference does (``vcr_eval_collate`` batches; requests with as
+        many choices together); the answer is the best Q->A row, the rationale the best
+        QA->R row of that answer; ``score``: softmax over the choices; ``scores``: every
+        row's score (``infer``'s results)."""
+        groups: Dict[tuple, list] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((len(r["answer"]), len(r.get("rationale") or [])), []).append(i)
+        scores: Dict[int, torch.Tensor] = {}
+        for idx in groups.values():
+            for chunk in ctx.chunks(idx):
+                batch = vcr_eval_collate([self._predict_item(requests[i], ctx) for i in chunk])
+                out = ctx.run(model, batch).reshape(len(chunk), -1)
+                for i, row in zip(chunk, out):
+                    scores[i] = row
+        return [self._vcr_answer(requests[i], scores[i], ctx) for i in range(len(requests))]
+
+    @staticmethod
+    def _vcr_answer(request, row, ctx):
+        n_a, n_r = len(request["answer"]), len(request.get("rationale") or [])
+        qa = row[:n_a]
+        probs = torch.softmax(qa, -1)
+        best = int(qa.argmax())
+        top = [{"answer": request["answer"][k], "index": k, "score": float(probs[k]),
+                "logit": float(qa[k])} for k in probs.argsort(descending=True).tolist()]
+        out = {"answer": request["answer"][best], "answer_index": best,
+               "score": float(probs[best]), "top": top, "scores": row.tolist()}
+        if n_r:
+            qar = row[n_a + best * n_r:n_a + (best + 1) * n_r]
+            rp = torch.softmax(qar, -1)
+            rb = int(qar.argmax())
+            out.update(rationale=request["rationale"][rb], rationale_index=rb,
+                       rationale_score=float(rp[rb]),
+                       rationales=[{"rationale": request["rationale"][k], "index": k,
+                                    "score": float(rp[k]), "logit": float(qar[k])}
+                                   for k in rp.argsort(descending=True).tolist()])
+        return out
+
+    def predict_alignment(self, request, answer, ctx):
+        """The question and the chosen answer (its Q->A row) and the image."""
+        k = answer["answer_index"]
+        _, _, words = self._predict_rows(request, ctx)
+        batch = vcr_eval_collate([self._predict_item(request, ctx, only=k)])
+        n = request["images"][0].num_boxes
+        return batch, words[k], [[(0, r) for r in range(n)]]
+
+    def predict_picture(self, request, answer):
+        title = [f"Q: {request['question']}", f"A: {answer['answer']}"]
+        if "rationale" in answer:
+            title.append(f"because: {answer['rationale']}")
+        return {"title": title, "ranked": [(t["answer"], t["score"]) for t in answer["top"]],
+                "highlight": []}

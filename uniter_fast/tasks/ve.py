@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from ..constants import IMG_DIM
 from ..data.synthetic_tasks import ve as synthetic_ve
 from ..data.ve import VeDataset, VeEvalDataset, ve_collate, ve_eval_collate
@@ -19,7 +21,13 @@ from ..files import atomic_write
 from ..model.build import model_config_path, set_dropout
 from ..model.ve import VE_ENT2IDX, VE_IDX2ENT, UniterForVisualEntailment
 from ..prepro import BAD_VALUE, Prepared, read_jsonl, require
-from .answer import AnswerTask, soft_score_metrics
+from .answer import (
+    AnswerTask,
+    ranked_labels,
+    soft_score_metrics,
+    text_image_alignment,
+    text_image_item,
+)
 from .inference import write_json
 
 
@@ -71,6 +79,26 @@ class VeTask(AnswerTask):
 
     def write_predictions(self, path, results):
         write_json(path, {q: a for q, a in results})
+
+    # ---------------------------------------------------------------- predict
+    predict_fields = {"hypothesis": ("text", True, "VE: the hypothesis (SNLI-VE's sentence2) "
+                                                   "about the image")}
+
+    def predict_item(self, request, ctx):
+        return text_image_item(request, "hypothesis", ctx)
+
+    def predict_answer(self, logits, ctx):
+        """The three labels by the head's sigmoid (VE is trained as VQA, BCE per label);
+        the answer is the arg-max, as inference writes it."""
+        top = ranked_labels(torch.sigmoid(logits), VE_IDX2ENT, len(VE_IDX2ENT), logits)
+        return {"answer": top[0]["answer"], "score": top[0]["score"], "top": top}
+
+    def predict_alignment(self, request, answer, ctx):
+        return text_image_alignment(request, "hypothesis", self.collate(False), ctx)
+
+    def predict_picture(self, request, answer):
+        return {"title": [f"hypothesis: {request['hypothesis']}", f"-> {answer['answer']}"],
+                "ranked": [(t["answer"], t["score"]) for t in answer["top"]], "highlight": []}
 
     # ---------------------------------------------------------------- preprocessing
     prepro_formats = {"snli-ve": "SNLI-VE's JSON-lines files (snli_ve_train.jsonl, ...: "

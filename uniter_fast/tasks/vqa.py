@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+import torch
+
 from ..constants import IMG_DIM
 from ..data.synthetic_tasks import vqa as synthetic_vqa
 from ..data.vqa import VqaDataset, VqaEvalDataset, load_ans2label, vqa_collate, vqa_eval_collate
@@ -37,8 +39,14 @@ from ..prepro import (
     require,
     soft_score,
 )
-from .answer import AnswerTask, soft_score_metrics
-from .inference import load_weights, write_json
+from .answer import (
+    AnswerTask,
+    ranked_labels,
+    soft_score_metrics,
+    text_image_alignment,
+    text_image_item,
+)
+from .inference import load_strict, load_weights, write_json
 
 #: the answer vocabulary beside a run's checkpoints (as the original)
 ANS2LABEL_FILE = "ans2label.json"
@@ -164,6 +172,12 @@ class VqaTask(AnswerTask):
             cfg["ans2label"] = args.ans2label
 
     def infer(self, args, cfg, source, device):
+        sd = self._answers_and_weights(args, cfg, source)
+        return super().infer(args, cfg, source, device, weights=sd)
+
+    def _answers_and_weights(self, args, cfg, source):
+        """The answer vocabulary (``--ans2label``, else the run's, else the config's; checked
+        against the head) put to use, and the weights of ``source``."""
         run_path = (os.path.join(source.run_dir, "ckpt", ANS2LABEL_FILE)
                     if source.run_dir else None)
         if run_path is not None and not os.path.exists(run_path):
@@ -182,7 +196,36 @@ class VqaTask(AnswerTask):
                              f"checkpoint {source.where} has {rows} rows: give the answer "
                              "vocabulary the model was trained with (--ans2label)")
         self.use_answers(answers)
-        return super().infer(args, cfg, source, device, weights=sd)
+        return sd
+
+    # ---------------------------------------------------------------- predict
+    predict_fields = {"question": ("text", True, "VQA: the question")}
+
+    def add_predict_args(self, parser):
+        super().add_predict_args(parser)
+        parser.add_argument("--ans2label", default=None,
+                            help="VQA: answer vocabulary JSON (default: the run's ckpt/"
+                                 "ans2label.json, else the config's, else the shipped one)")
+
+    def predict_model(self, args, cfg, source):
+        sd = self._answers_and_weights(args, cfg, source)
+        return load_strict(self.blank_model(cfg), sd, source.where, cfg)
+
+    def predict_item(self, request, ctx):
+        return text_image_item(request, "question", ctx)
+
+    def predict_answer(self, logits, ctx):
+        """The top answers by the head's sigmoid (the VQA loss is BCE per answer); the
+        answer is the arg-max, as inference writes it."""
+        top = ranked_labels(torch.sigmoid(logits), self._label2ans, ctx.top_k, logits)
+        return {"answer": top[0]["answer"], "score": top[0]["score"], "top": top}
+
+    def predict_alignment(self, request, answer, ctx):
+        return text_image_alignment(request, "question", self.collate(False), ctx)
+
+    def predict_picture(self, request, answer):
+        return {"title": [f"Q: {request['question']}", f"A: {answer['answer']}"],
+                "ranked": [(t["answer"], t["score"]) for t in answer["top"]], "highlight": []}
 
     def labelled_metrics(self, logits, targets, qids, preds, sums):
         sums["score"] += float(answer_scores(logits, targets.float()).sum())
