@@ -25,7 +25,7 @@ import benchutil
 
 # Benchmarks run first where they matter most: headline shapes, then the
 # torch.compile'd baselines (long compilations), then the sweeps.
-_ORDER = ("bench_ipot", "bench_attention", "bench_model", "bench_layer_norm")
+_ORDER = ("bench_ipot", "bench_attention", "bench_model", "bench_extract", "bench_layer_norm")
 
 
 def pytest_addoption(parser):

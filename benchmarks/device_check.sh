@@ -6,7 +6,9 @@
 # 1. installs the project offline (wheels from .whl/ if carried, then
 #    `pip install --no-deps --no-build-isolation -e .`, else PYTHONPATH),
 # 2. runs the CUDA test subset (`pytest tests -m cuda`),
-# 3. runs the benchmarks (`pytest benchmarks --benchmark-only`) on CUDA,
+# 3. runs the benchmarks (`pytest benchmarks --benchmark-only`) on CUDA, the feature
+#    extraction one (bench_extract.py: images/s in bf16 and fp32, against the same detector
+#    run one image at a time as the public ports run it) included,
 # 4. turns the results into PNG plots and a markdown table, printed last.
 #
 # Everything goes to $OUT when set (the device tool's folder; at most 8 files
