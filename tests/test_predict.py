@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -574,3 +575,41 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def test_a_run_directory_loads_as_infer_loads_it(world, tmp_path, training_env):
+    """A fine-tuning run's directory (DeepSpeed checkpoint, train_config.json, ckpt/
+    ans2label.json): the same answers as its .pt; another answer vocabulary refused."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    with open(world["cfg"]["vqa"]) as f:
+        cfg = json.load(f)
+    train = dict(cfg, train_txt_dbs=["unused"], train_img_dbs=["unused"], output_dir=str(run),
+                 num_train_steps=1, train_batch_size=8, checkpoint=None)
+    train_path = str(tmp_path / "train_config.json")
+    with open(train_path, "w") as f:
+        json.dump(train, f)
+    with open(os.path.join(root, "ds.json")) as f:
+        ds = dict(json.load(f), bf16={"enabled": False})     # fp32: the .pt's very weights
+    ds_path = str(tmp_path / "ds_fp32.json")
+    with open(ds_path, "w") as f:
+        json.dump(ds, f)
+    p = subprocess.run([sys.executable, "-m", "uniter_fast.export", "from-pt", world["pt"]["vqa"],
+                        str(run / "ckpt"), "--task", "vqa", "--config", train_path,
+                        "--deepspeed_config", ds_path], cwd=root, env=dict(training_env),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copy(train_path, run / "train_config.json")
+    reqs = [{"image": world["images"][i], "question": q} for i, q in zip((1, 3), QUESTIONS)]
+    from_run = Predictor("vqa", str(run), world["detector"], vocab=world["vocab"],
+                         detector_batch_size=1, **SIZES).answer(reqs)
+    from_pt = _predictor(world, "vqa").answer(reqs)
+    for a, b in zip(from_run, from_pt):
+        _same_answer(a.answer, b.answer)
+    other = str(tmp_path / "other_a2l.json")
+    with open(other, "w") as f:
+        json.dump({a: i for i, a in enumerate(reversed(ANSWERS))}, f)
+    with pytest.raises(PredictError, match="is not the answer vocabulary the run was trained"):
+        Predictor("vqa", str(run), world["detector"], vocab=world["vocab"],
+                  options={"ans2label": other}, **SIZES)

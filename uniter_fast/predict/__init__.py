@@ -507,16 +507,18 @@ class Result:
 
 
 def _head_hint(sd_keys: Iterable[str], task: FinetuneTask) -> str:
-    """Which registered tasks' heads a state dict holds (a checkpoint of another task)."""
+    """Which registered tasks' heads a state dict holds, when not ``task``'s (a checkpoint
+    of another task)."""
     keys = list(sd_keys)
-    found = []
+    found, names = [], set()
     for name, cls in TASKS.items():
         heads = [p for p in cls.head_prefixes if any(k.startswith(p + ".") for k in keys)]
         if heads and cls.head_prefixes[0] in heads:
             found.append(f"{name} ({', '.join(p + '.*' for p in heads)})")
-    if not found:
+            names.add(name)
+    if not found or task.name in names:
         return ""
-    return f"; its weights hold the head of: {', '.join(found)}"
+    return f"; its weights hold the head of: {', '.join(found)} (wrong --task?)"
 
 
 def _task_args(task: FinetuneTask, options: Optional[Dict[str, Any]]) -> argparse.Namespace:
@@ -639,7 +641,7 @@ class Predictor:
                 except Exception:        # the hint is optional: the error is the message
                     pass
                 raise PredictError(f"--checkpoint {checkpoint} cannot be loaded as a "
-                                   f"{task.name} model: {e}{hint} (wrong --task?)") from None
+                                   f"{task.name} model: {e}{hint}") from None
         self.source = source
         return model.to(self.device).eval(), cfg
 
