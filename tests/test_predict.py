@@ -342,7 +342,8 @@ def test_command_line_one_request_and_a_requests_file(world, tmp_path, capsys):
     shutil.copy(img, req_dir / "kitchen.png")
     lines = [{"id": "q1", "image": "kitchen.png", "question": QUESTIONS[0]},
              {"image": "kitchen.png", "question": QUESTIONS[1]},
-             {"id": "q3", "image": "missing.png", "question": QUESTIONS[2]}]
+             {"id": "q3", "image": "missing.png", "question": QUESTIONS[2]},
+             {"id": "q1", "image": "kitchen.png", "question": QUESTIONS[3]}]
     path = req_dir / "requests.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     out = str(tmp_path / "answers.jsonl")
@@ -355,9 +356,11 @@ def test_command_line_one_request_and_a_requests_file(world, tmp_path, capsys):
     assert predict_main(argv + ["--keep_going"]) == 1
     with open(out) as f:
         got = [json.loads(x) for x in f]
-    assert [g["id"] for g in got] == ["q1", 1, "q3"]
+    assert [g["id"] for g in got] == ["q1", 1, "q3", "q1"]
     assert got[0]["answer"] == want.answer["answer"] and "error" in got[2]
-    assert os.path.exists(got[0]["picture"]) and got[0]["picture"].endswith("q1.png")
+    assert [os.path.basename(g.get("picture", "")) for g in got] == \
+        ["q1.png", "1.png", "", "request3.png"]            # a repeated id: by number
+    assert all(os.path.exists(g["picture"]) for g in got if "picture" in g)
     assert predict_main(argv + ["--keep_going"]) == 2          # the output exists
     assert "already exist" in capsys.readouterr().err
 

@@ -41,6 +41,7 @@ from .. import ops
 from ..constants import DEFAULT_CONF_TH, DEFAULT_MAX_BB, DEFAULT_MIN_BB, DEFAULT_NUM_BB
 from ..data.datasets import img_pos_feat
 from ..data.loader import move_to_device
+from ..detector.extractor import aspect_batches
 from ..detector.image import ImageError
 from ..detector.weights import WeightsError, find_weights_file
 from ..extract import ExtractError, check_box_rule, detector_config, make_extractor
@@ -684,42 +685,40 @@ class Predictor:
         the cache go through the detector, ``detector_batch_size`` per forward)."""
         wheres = list(wheres) if wheres is not None else ["--image"] * len(paths)
         out: List[Optional[ImageFeatures]] = [None] * len(paths)
-        todo: Dict[str, Tuple[str, bytes, List[int], str]] = {}
+        #: cache key -> (path, bytes, digest, the indices of ``paths`` it serves, where)
+        todo: Dict[str, Tuple[str, bytes, str, List[int], str]] = {}
         for i, (p, where) in enumerate(zip(paths, wheres)):
             data = self._read(p, where)
             digest = hashlib.sha256(data).hexdigest()
             key = self.cache.key(digest)
-            rec = self.cache.get(key)
+            rec = self.cache.get(key) if key not in todo else None
             if rec is not None:
                 out[i] = ImageFeatures.from_record(p, digest, rec)
             elif key in todo:
-                todo[key][2].append(i)
+                todo[key][3].append(i)
             else:
-                todo[key] = (p, data, [i], where)
-        if todo:
-            items = list(todo.items())
-            prepared = []
-            for key, (p, data, _, where) in items:
-                try:
-                    prepared.append(self.extractor.prepare(data))
-                except ImageError as e:
-                    raise PredictError(f"{where}: image {p}: {str(e).split(': ', 1)[-1]}") \
-                        from None
-            from ..detector.extractor import aspect_batches
-            recs: List[Optional[Dict[str, Any]]] = [None] * len(items)
-            for group in aspect_batches([im.size for im in prepared], self.detector_batch_size):
-                for j, rec in zip(group, self.extractor.run([prepared[j] for j in group])):
-                    recs[j] = rec
-            self.detector_images += len(items)
-            for (key, (p, _, idx, where)), rec in zip(items, recs):
-                if rec is None or np.asarray(rec["conf"]).shape[0] == 0:
-                    raise PredictError(f"{where}: image {p}: the detector found no region")
-                feats = ImageFeatures.from_record(p, hashlib.sha256(todo[key][1]).hexdigest(),
-                                                  rec)
-                self.cache.put(key, feats.record())
-                for i in idx:
-                    out[i] = feats if paths[i] == p else ImageFeatures.from_record(
-                        paths[i], feats.digest, feats.record())
+                todo[key] = (p, data, digest, [i], where)
+        if not todo:
+            return out  # type: ignore[return-value]
+        items = list(todo.items())
+        prepared = []
+        for _, (p, data, _, _, where) in items:
+            try:
+                prepared.append(self.extractor.prepare(data))
+            except ImageError as e:
+                raise PredictError(f"{where}: image {p}: {str(e).split(': ', 1)[-1]}") from None
+        recs: List[Optional[Dict[str, Any]]] = [None] * len(items)
+        for group in aspect_batches([im.size for im in prepared], self.detector_batch_size):
+            for j, rec in zip(group, self.extractor.run([prepared[j] for j in group])):
+                recs[j] = rec
+        self.detector_images += len(items)
+        for (key, (p, _, digest, idx, where)), rec in zip(items, recs):
+            if rec is None or np.asarray(rec["conf"]).shape[0] == 0:
+                raise PredictError(f"{where}: image {p}: the detector found no region")
+            stored = ImageFeatures.from_record(p, digest, rec).record()
+            self.cache.put(key, stored)
+            for i in idx:
+                out[i] = ImageFeatures.from_record(paths[i], digest, stored)
         return out  # type: ignore[return-value]
 
     @staticmethod

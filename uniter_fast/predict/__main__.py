@@ -33,6 +33,7 @@ Exit status: 0 when every request was answered; 1 when some failed under ``--kee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -198,31 +199,38 @@ def _claim(paths: List[str], overwrite: bool) -> None:
         raise PredictError(str(e).replace("--output_dir", "--draw / --draw_dir")) from None
 
 
-def _draw(pred: Predictor, res: Result, path: str, args: argparse.Namespace) -> None:
-    _claim([path], args.overwrite)
+def _draw(pred: Predictor, res: Result, path: str, args: argparse.Namespace,
+          written: Dict[str, int]) -> None:
+    """Draw ``res`` to ``path``: never over a file that exists unless ``--overwrite`` or this
+    run wrote it for the same request (``written``: path -> request number; a request
+    retried alone after its chunk failed)."""
+    if written.get(path) != res.request["number"]:
+        _claim([path], args.overwrite)
+    written[path] = res.request["number"]
     pred.draw(res, path, alignment=not args.no_alignment, image_size=args.image_size,
               max_boxes=args.max_boxes)
 
 
-def _run(task: FinetuneTask, args: argparse.Namespace) -> int:
+def _run(task: FinetuneTask, args: argparse.Namespace, stdout) -> int:
     _check_options(task, args)
     _claim([p for p in (args.output, args.draw) if p is not None], args.overwrite)
     pred = _predictor(task, args)
     if args.requests is None:
         [res] = pred.answer([("command line", _command_line_request(task, args))])
-        if args.alignment or args.draw:
+        if args.alignment:
             pred.align(res)
         if args.draw is not None:
-            _draw(pred, res, args.draw, args)
+            _draw(pred, res, args.draw, args, {})
         out = res.to_json()
         if not args.alignment:
             out.pop("alignment", None)
-        _emit([out], args.output)
+        _emit([out], args.output or stdout)
         return 0
 
     base = os.path.dirname(os.path.abspath(args.requests))
     failed = 0
-    sink = open(args.output + ".tmp", "w", encoding="utf-8") if args.output else sys.stdout
+    written: Dict[str, int] = {}
+    sink = open(args.output + ".tmp", "w", encoding="utf-8") if args.output else stdout
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -234,12 +242,12 @@ def _run(task: FinetuneTask, args: argparse.Namespace) -> int:
             chunk.append((number, where, raw))
             number += 1
             if len(chunk) >= CHUNK_REQUESTS:
-                failed += _answer_chunk(pred, chunk, base, args, sink)
+                failed += _answer_chunk(pred, chunk, base, args, sink, written)
                 if bar is not None:
                     bar.update(len(chunk))
                 chunk = []
         if chunk:
-            failed += _answer_chunk(pred, chunk, base, args, sink)
+            failed += _answer_chunk(pred, chunk, base, args, sink, written)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -256,23 +264,24 @@ def _run(task: FinetuneTask, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _answer_chunk(pred: Predictor, chunk, base: str, args, sink) -> int:
+def _answer_chunk(pred: Predictor, chunk, base: str, args, sink,
+                  written: Dict[str, int]) -> int:
     """Answer one chunk of ``(number, where, request)``; returns how many failed."""
     def one(items):
         reqs = [pred.task_request(raw, where, n, base) for n, where, raw in items]
-        results = pred.answer_checked(reqs)
+        results = pred.answer_checked(reqs, align=args.alignment)
         lines = []
         for res in results:
-            if args.alignment or args.draw_dir:
-                pred.align(res)
+            if args.draw_dir:
+                number = res.request["number"]
+                path = os.path.join(args.draw_dir, f"{res.request['id']}.png")
+                if not _safe(res.request["id"]) or written.get(path, number) != number:
+                    path = os.path.join(args.draw_dir, f"request{number}.png")  # or a repeated id
+                _draw(pred, res, path, args, written)
             out = res.to_json()
             if not args.alignment:
                 out.pop("alignment", None)
             if args.draw_dir:
-                path = os.path.join(args.draw_dir, f"{res.request['id']}.png"
-                                    if _safe(res.request["id"]) else
-                                    f"request{res.request['number']}.png")
-                _draw(pred, res, path, args)
                 out["picture"] = path
             lines.append(out)
         return lines
@@ -303,14 +312,13 @@ def _safe(rid: Any) -> bool:
 
 
 def _emit(objs, sink) -> None:
-    if sink is None or isinstance(sink, str):
-        if isinstance(sink, str):
-            with open(sink + ".tmp", "w", encoding="utf-8") as f:
-                for o in objs:
-                    f.write(json.dumps(o) + "\n")
-            os.replace(sink + ".tmp", sink)
-            return
-        sink = sys.stdout
+    """JSON lines to ``sink``: a file object, or a path (written atomically)."""
+    if isinstance(sink, str):
+        with open(sink + ".tmp", "w", encoding="utf-8") as f:
+            for o in objs:
+                f.write(json.dumps(o) + "\n")
+        os.replace(sink + ".tmp", sink)
+        return
     for o in objs:
         sink.write(json.dumps(o) + "\n")
     sink.flush()
@@ -323,8 +331,12 @@ def main(argv=None) -> int:
         print(f"error: task {task.name} has no predict", file=sys.stderr)
         return 2
     args = parser(task).parse_args(argv)
+    stdout = sys.stdout
     try:
-        return _run(task, args)
+        # the answers alone on standard output: what the libraries print (DeepSpeed's
+        # accelerator notice, ...) goes to standard error
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run(task, args, stdout)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
