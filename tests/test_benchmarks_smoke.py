@@ -69,7 +69,10 @@ def _check_smoke_run(tmp_path, device):
     res = doc["results"]
     assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance",
                                       "optimal_transport_dist", "layer_norm", "gelu", "model",
-                                      "itr_eval"}
+                                      "itr_eval", "extract"}
+    ext = [r for r in res if r["op"] == "extract"]
+    assert all(r["speedup"]["port"] > 0 and set(r["stage_share"]) == {
+        "decode", "backbone", "rpn", "res5_head", "selection", "write"} for r in ext)
     for op in ("attention", "ipot", "layer_norm", "gelu"):
         got = {r["backend"] for r in res if r["op"] == op}
         assert got == _expected_backends(op, device), (op, got)
@@ -98,6 +101,13 @@ def _check_smoke_run(tmp_path, device):
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         if r["backend"] == "reference":
             assert set(r["speedup"]) == ({"original"} if r["op"] == "ipot_distance" else set())
+            continue
+        if r["op"] == "extract":    # images/s against the same detector run as the ports run it
+            assert set(r["speedup"]) == {"port"}
+            assert r["speedup"]["port"] == pytest.approx(
+                r["baselines"]["port"]["median_s"] / r["median_s"])
+            assert r["images_per_s"] == pytest.approx(r["shape"]["images"] / r["median_s"])
+            assert r["flops"] > 0 and 0 < r["fraction_of_gemm_rate"]
             continue
         assert set(r["speedup"]) >= {"reference"}
         ref_t = r["baselines"]["reference"]["median_s"]
