@@ -114,7 +114,7 @@ def finetune_config(out: str, steps: int) -> Dict[str, object]:
     }
 
 
-def write_demo(out: str, num_images: int = 24, seed: int = 0, steps: int = 150,
+def write_demo(out: str, num_images: int = 24, seed: int = 0, steps: int = 500,
                detector: bool = True) -> Dict[str, str]:
     """Write the demo files into ``out`` (created; existing files are replaced only where
     they are this demo's own).  Returns the paths written."""
@@ -160,6 +160,10 @@ def commands(out: str) -> str:
         f"--ans2label {out}/txt_db/train/ans2label.json",
         f"deepspeed uniter_fast/finetune.py --task vqa --config {out}/vqa.json "
         "--deepspeed_config ds.json --precision fp32",
+        f"python -m uniter_fast.predict --task vqa --checkpoint {out}/run --detector "
+        f"{out}/detector --preset small --vocab {out}/vocab.txt --image "
+        f"{out}/images/scene_000.jpg --question 'what color is the circle?' --draw "
+        f"{out}/answer.png",
     ])
 
 
@@ -168,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory to write into")
     ap.add_argument("--num_images", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps in vqa.json")
+    ap.add_argument("--steps", type=int, default=500, help="fine-tuning steps in vqa.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true",
                     help="write into a directory that already holds files")
