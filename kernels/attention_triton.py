@@ -37,6 +37,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from uniter_fast.constants import ATTENTION_MASK_VALUE, TRITON_ATTENTION_MAX_HEAD_DIM
 
@@ -48,6 +52,7 @@ __all__ = ["attention", "dropout_keep_mask", "SUPPORTED_DTYPES", "MAX_HEAD_DIM",
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = TRITON_ATTENTION_MAX_HEAD_DIM
 _LOG2E = 1.4426950408889634
+_KERNEL_TYPES = (JITFunction, Autotuner, InterpretedFunction)
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -441,6 +446,16 @@ _TUNED = {
 _fwd_tuned, _dkdv_tuned, _dq_tuned = _TUNED["fwd"], _TUNED["dkdv"], _TUNED["dq"]
 
 
+def _traceable(kernel):
+    """``torch.library.wrap_triton(kernel)``: the launch is then visible to torch.compile
+    (inductor calls the kernel itself) and to dispatcher tracing, inside the triton_ops
+    below; anything that is not a jit kernel or autotuner (the GPU compile report's
+    launch recorders) is returned as it is."""
+    if isinstance(kernel, _KERNEL_TYPES):
+        return wrap_triton(kernel)
+    return kernel
+
+
 def _launch(kernel_raw, kernel_tuned, grid_block: str, grid_bh: int, seq: int,
             blocks: Optional[Tuple[int, int]], args, kwargs):
     """Run a kernel with fixed blocks (interpreter / forced) or the autotuned one."""
@@ -450,10 +465,10 @@ def _launch(kernel_raw, kernel_tuned, grid_block: str, grid_bh: int, seq: int,
         bm, bn = blocks
         kw = dict(kwargs, BLOCK_M=bm, BLOCK_N=bn)
         tile = kw[grid_block]
-        kernel_raw[(grid_bh, triton.cdiv(seq, tile))](*args, **kw)
+        _traceable(kernel_raw)[(grid_bh, triton.cdiv(seq, tile))](*args, **kw)
     else:
         grid = lambda meta: (grid_bh, triton.cdiv(seq, meta[grid_block]))  # noqa: E731
-        kernel_tuned[grid](*args, **kwargs)
+        _traceable(kernel_tuned)[grid](*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -486,7 +501,7 @@ def _backward(do, q, k, v, o, lse, bias, scale, dropout_p, seed, philox_offset, 
     B, H, S, D = q.shape
     BLOCK_D = _block_d(D)
     delta = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(S, 64))](
+    _traceable(_attn_bwd_delta_kernel)[(B * H, triton.cdiv(S, 64))](
         o, do, delta, S, H, D, *o.stride(), *do.stride(), BLOCK_M=64, BLOCK_D=BLOCK_D)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     upcast, prec = _dot_flags(q.dtype)
@@ -504,22 +519,52 @@ def _backward(do, q, k, v, o, lse, bias, scale, dropout_p, seed, philox_offset, 
     return dq, dk, dv
 
 
-class _TritonAttention(torch.autograd.Function):
+# The kernels as registered ops (torch.library.triton_op): torch.compile traces into
+# them and sees each launch (wrap_triton), eager calls run them directly; autograd is the
+# backward op below.  ``block_m``/``block_n`` = 0: autotuned (or the interpreter's fixed
+# blocks); otherwise the forced tiles of the tests.
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale, dropout_p, seed, philox_offset, blocks):
-        o, lse = _forward(q, k, v, bias, scale, dropout_p, seed, philox_offset, blocks)
-        ctx.save_for_backward(q, k, v, o, lse, bias)
-        ctx.args = (scale, dropout_p, seed, philox_offset, blocks)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, bias = ctx.saved_tensors
-        scale, dropout_p, seed, philox_offset, blocks = ctx.args
-        dq, dk, dv = _backward(do, q, k, v, o, lse, bias, scale, dropout_p, seed,
-                               philox_offset, blocks)
-        return dq, dk, dv, None, None, None, None, None, None
+def _blocks_arg(block_m: int, block_n: int) -> Optional[Tuple[int, int]]:
+    return None if block_m <= 0 else (int(block_m), int(block_n))
+
+
+@triton_op("uniter_fast::attention_triton", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                  scale: float, dropout_p: float, seed: int, philox_offset: int,
+                  block_m: int, block_n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, S, D], log-sum-exp [B, H, S] float32, log2 domain)."""
+    return _forward(q, k, v, bias, scale, dropout_p, seed, philox_offset,
+                    _blocks_arg(block_m, block_n))
+
+
+@triton_op("uniter_fast::attention_triton_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                           bias: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                           philox_offset: int, block_m: int, block_n: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`_attention_op`'s output."""
+    return _backward(do, q, k, v, o, lse, bias, scale, dropout_p, seed, philox_offset,
+                     _blocks_arg(block_m, block_n))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, bias = inputs[:4]
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, bias)
+    ctx.args = tuple(inputs[4:])
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, bias = ctx.saved_tensors
+    dq, dk, dv = torch.ops.uniter_fast.attention_triton_backward(do, q, k, v, o, lse, bias,
+                                                                 *ctx.args)
+    return (dq, dk, dv) + (None,) * 7
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 # --------------------------------------------------------------------------- public
@@ -572,8 +617,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     bias = ((1.0 - attn_mask.to(torch.float32)) * ATTENTION_MASK_VALUE).contiguous()
     if q.numel() == 0:
         return _EmptyAttention.apply(q, k, v)
-    return _TritonAttention.apply(q, k, v, bias, scale, float(dropout_p), seed,
-                                  int(philox_offset), _blocks)
+    bm, bn = _blocks or (0, 0)
+    return torch.ops.uniter_fast.attention_triton(q, k, v, bias, scale, float(dropout_p), seed,
+                                                  int(philox_offset), bm, bn)[0]
 
 
 class _EmptyAttention(torch.autograd.Function):

@@ -19,21 +19,31 @@ Each op module registers its backends here.  A backend has
 Resolution is cached per (op, selection, device type, dtype).  For an op none
 of whose candidates looks at the call (layer norm, GELU, IPOT) a call costs a
 dictionary lookup; otherwise only the per-call predicates run.
+
+Under ``torch.compile`` the resolution runs at trace time, never in the
+compiled graph: dynamo reads the selection (:func:`use_backend`'s thread-local
+state, guarded, so switching backends recompiles) and the per-call predicates
+(shape checks become guards), while everything that may import or build a
+backend (``available``, the cached plans) is evaluated eagerly through
+:func:`torch.compiler.assume_constant_result` functions (:func:`_static_info`,
+:func:`_plan_of`), which dynamo calls instead of tracing.  Op wrappers whose
+backend is a registered custom op (the C++/CUDA/Triton kernels, see
+docs/ops.md) ask only for the backend's *name* (:func:`selected_backend`) and
+pass it to the custom op, which loads the implementation when it runs.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
-    "BackendUnavailableError", "Call", "register", "unregister", "resolve", "use_backend",
+    "BackendUnavailableError", "Call", "register", "unregister", "resolve", "load", "use_backend",
     "available_backends", "registered_backends", "current_backend", "unavailable_reason",
     "selected_backend", "clear_cache",
 ]
@@ -90,6 +100,8 @@ _lock = threading.Lock()
 _static: Dict[Tuple[str, str, str, torch.dtype], Tuple[Reason, bool]] = {}
 # (op, selection, device type, dtype) -> _Plan
 _plans: Dict[Tuple[str, str, str, torch.dtype], "_Plan"] = {}
+# (op, backend) -> the loaded implementation (``impl()``, called once)
+_impls: Dict[Tuple[str, str], Callable] = {}
 
 
 def register(op: str, name: str, impl: Callable[[], Callable], *,
@@ -105,10 +117,10 @@ def register(op: str, name: str, impl: Callable[[], Callable], *,
     """
     with _lock:
         _OPS.setdefault(op, {})[name] = _Backend(
-            name, functools.lru_cache(maxsize=None)(impl), available or (lambda d, t: None),
-            priority, auto, accepts, prefer)
+            name, impl, available or (lambda d, t: None), priority, auto, accepts, prefer)
         _static.clear()
         _plans.clear()
+        _impls.pop((op, name), None)
 
 
 def unregister(op: str, name: Optional[str] = None) -> None:
@@ -122,6 +134,8 @@ def unregister(op: str, name: Optional[str] = None) -> None:
             del _OPS[op][name]
         _static.clear()
         _plans.clear()
+        for key in [k for k in _impls if k[0] == op and name in (None, k[1])]:
+            del _impls[key]
 
 
 def clear_cache() -> None:
@@ -294,15 +308,16 @@ def use_backend(name: Union[str, Mapping[str, str]]) -> Iterator[None]:
 
 # ----------------------------------------------------------------- resolution
 
-@dataclass(frozen=True)
-class _Plan:
-    """Cached resolution of (op, selection, device type, dtype).
+class _Plan(NamedTuple):
+    """Cached resolution of (op, selection, device type, dtype), by backend name.
 
     ``fixed``: the answer when it does not depend on the call.  Otherwise
     ``candidates`` are tried in order with their per-call predicates;
-    ``error`` is raised when none remains."""
-    fixed: Optional[Tuple[str, Callable[[], Callable]]]
-    candidates: Tuple[_Backend, ...]
+    ``reasons`` (why the others cannot run) go into the error raised when none
+    remains.  Names and strings only: under ``torch.compile`` a plan is a
+    constant that :func:`_plan_of` hands to dynamo."""
+    fixed: Optional[str]
+    candidates: Tuple[str, ...]
     reasons: Tuple[str, ...]
     named: bool
 
@@ -313,8 +328,8 @@ def _plan(op: str, selection: str, device: torch.device, dtype: torch.dtype) -> 
         reason = _static_info(b, op, device, dtype)[0]
         if reason is not None:
             return _Plan(None, (), (f"{selection}: {reason}",), True)
-        fixed = (b.name, b.impl) if b.accepts is None else None
-        return _Plan(fixed, (b,), (), True)
+        fixed = b.name if b.accepts is None else None
+        return _Plan(fixed, (b.name,), (), True)
     cands, reasons = [], []
     for n in registered_backends(op):
         b = _OPS[op][n]
@@ -329,33 +344,43 @@ def _plan(op: str, selection: str, device: torch.device, dtype: torch.dtype) -> 
             break  # nothing after an unconditional candidate can be reached
     fixed = None
     if cands and cands[0].accepts is None and cands[0].prefer is None:
-        fixed = (cands[0].name, cands[0].impl)
-    return _Plan(fixed, tuple(cands), tuple(reasons), False)
+        fixed = cands[0].name
+    return _Plan(fixed, tuple(b.name for b in cands), tuple(reasons), False)
 
 
-def _select(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,
-            inputs: Mapping[str, Any]) -> Tuple[str, Callable[[], Callable]]:
-    selection = backend if backend not in (None, "auto") else current_backend(op)
-    key = (op, selection, device.type, dtype)
+@torch.compiler.assume_constant_result
+def _plan_of(op: str, selection: str, device_type: str, dtype: torch.dtype) -> _Plan:
+    """The cached plan of (op, selection, device type, dtype), made on first use.  Under
+    torch.compile dynamo calls this eagerly (the availability checks may import or
+    build a backend) and puts its answer into the trace as a constant."""
+    key = (op, selection, device_type, dtype)
     plan = _plans.get(key)
     if plan is None:
         _check_op(op)
-        plan = _plans[key] = _plan(op, selection, device, dtype)
+        plan = _plans[key] = _plan(op, selection, torch.device(device_type), dtype)
+    return plan
+
+
+def _select(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,
+            inputs: Mapping[str, Any]) -> str:
+    selection = backend if backend not in (None, "auto") else current_backend(op)
+    plan = _plan_of(op, selection, device.type, dtype)
     if plan.fixed is not None:
         return plan.fixed
     call = Call(op, device, dtype, inputs)
     reasons = list(plan.reasons)
     fallback = None
-    for b in plan.candidates:
+    for name in plan.candidates:
+        b = _OPS[op][name]
         reason = _accepts(b, call)
         if reason is not None:
-            reasons.append(f"{b.name}: {reason}")
+            reasons.append(f"{name}: {reason}")
             continue
         if plan.named or b.prefer is None or b.prefer(call):
-            return b.name, b.impl
-        fallback = fallback or b   # runnable, but the policy prefers another
+            return name
+        fallback = fallback or name   # runnable, but the policy prefers another
     if fallback is not None:
-        return fallback.name, fallback.impl
+        return fallback
     if plan.named:
         raise BackendUnavailableError(
             f"backend {selection!r} of op {op!r} is unavailable for {device}/{dtype}: "
@@ -364,11 +389,21 @@ def _select(op: str, backend: Optional[str], device: torch.device, dtype: torch.
         f"no backend of {op!r} can run on {device} with {dtype}: " + "; ".join(reasons))
 
 
+def load(op: str, name: str) -> Callable:
+    """The implementation of backend ``name`` of ``op`` (its loader runs once).  Custom
+    ops call this when they run, so a backend's import or build never happens in a
+    traced region."""
+    fn = _impls.get((op, name))
+    if fn is None:
+        fn = _impls[(op, name)] = _backend(op, name).impl()
+    return fn
+
+
 def resolve(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,
             **inputs: Any) -> Callable:
     """The implementation of ``op`` for this call (``inputs``: the call's
     tensors and arguments by name, for per-call predicates)."""
-    return _select(op, backend, device, dtype, inputs)[1]()
+    return load(op, _select(op, backend, device, dtype, inputs))
 
 
 def selected_backend(op: str, backend: Optional[str] = None,
@@ -376,4 +411,4 @@ def selected_backend(op: str, backend: Optional[str] = None,
                      dtype: Optional[torch.dtype] = None, **inputs: Any) -> str:
     """Name of the backend a call with these inputs runs on (honours
     :func:`use_backend`; raises :class:`BackendUnavailableError` like the op)."""
-    return _select(op, backend, _device(device), dtype or torch.float32, inputs)[0]
+    return _select(op, backend, _device(device), dtype or torch.float32, inputs)

@@ -7,9 +7,12 @@ that device; 0 <= dropout_p < 1; scale finite (default 1/sqrt(head_dim)).
 Backends receive the mask as a contiguous float32 [batch, seq] tensor and the
 scale as a float: ``fn(q, k, v, mask, dropout_p, scale)``.
 
-Backends: ``triton`` (kernels/attention_triton.py; "auto" on CUDA for head
-dims up to :data:`~uniter_fast.constants.TRITON_ATTENTION_MAX_HEAD_DIM`, by
-name on CPU under TRITON_INTERPRET=1), ``sdpa`` (torch SDPA), ``reference``.
+Backends: ``triton`` (kernels/attention_triton.py, the registered ops
+``uniter_fast::attention_triton`` / ``uniter_fast::attention_triton_backward``
+(``torch.library.triton_op``: torch.compile sees the kernel launches); "auto" on
+CUDA for head dims up to :data:`~uniter_fast.constants.TRITON_ATTENTION_MAX_HEAD_DIM`,
+by name on CPU under TRITON_INTERPRET=1), ``sdpa`` (torch SDPA), ``reference``
+(both plain PyTorch, which torch.compile traces and fuses).
 On CPU, "auto" takes SDPA only from the padded sequence length at which it
 was measured to beat the reference for the call's direction (forward, or
 forward + backward when autograd will differentiate the call) and dtype:

@@ -38,8 +38,13 @@ the same updates in the log domain in float64, in plain PyTorch on C's device,
 whichever backend was asked for; it is exact for any beta > 0 (an entry is kept
 as its logarithm, so none is lost) and slower.  The distance is
 then trace(C·T) of the original cost with gradient Tᵀ.  Deciding reads two
-scalars (a host sync on a GPU).  A non-finite result from a finite input would
-be a bug: it raises a ValueError (:func:`check_finite`).
+scalars (a host sync on a GPU); it happens inside the custom ops
+``uniter_fast::ipot`` / ``uniter_fast::ipot_distance`` (below), so under
+torch.compile it is part of an opaque op, never a graph break.  The model's WRA
+never routes (its cosine cost at beta >= 1/3 is always in range, see
+:mod:`uniter_fast.ops.wra`).  A non-finite result from a finite input would
+be a bug: it raises a ValueError (:func:`check_finite`; on a GPU a device-side
+assertion, no host sync).
 
 Backends: ``cuda`` (csrc/ipot_cuda.cu, one block per example), ``triton``
 (kernels/ipot_triton.py, one program per example; on CPU only under
@@ -48,7 +53,7 @@ TRITON_INTERPRET=1 and never picked by "auto" there), ``cpp``
 ``reference`` (plain PyTorch).  "auto" takes the first available in that order.
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -174,13 +179,23 @@ def check_finite(result, beta, inputs):
     """ValueError when IPOT returned a non-finite plan / distance from finite
     inputs (which the routing above should make impossible); one reduction
     over ``result``, and ``inputs()`` (the tensors that must be finite) is
-    called only when it failed."""
-    if result.numel() == 0 or bool(torch.isfinite(result).all()):
+    called only when it failed.  Runs inside the custom ops (never in a traced
+    region); on a GPU it is a device-side assertion (no host sync): the same
+    condition, raised when the stream reaches it."""
+    if result.numel() == 0:
+        return result
+    msg = (f"IPOT at beta={beta:g} gave a non-finite result from a finite input "
+           f"(a bug: please report the cost, pads, beta and backend)")
+    if result.device.type == "cuda":
+        ok = torch.isfinite(result).all()
+        for t in inputs():
+            ok = ok | ~torch.isfinite(t).all()
+        torch._assert_async(ok, msg)
+        return result
+    if bool(torch.isfinite(result).all()):
         return result
     if all(bool(torch.isfinite(t).all()) for t in inputs()):
-        raise ValueError(
-            f"IPOT at beta={beta:g} gave a non-finite result from a finite input "
-            f"(a bug: please report the cost, pads, beta and backend)")
+        raise ValueError(msg)
     return result
 
 
@@ -191,36 +206,9 @@ def _reference_plan():
 
 
 def _reference_distance():
-    return _ref.ipot_distance
-
-
-class _FusedDistance(torch.autograd.Function):
-    """trace(C·T) from a kernel that returns (T, distance) in one pass.
-
-    Forward runs the kernel on the detached cost; backward is the reference's
-    gradient, d distance / d C = Tᵀ (the plan is a constant)."""
-
-    @staticmethod
-    def forward(ctx, C, txt_pad, img_pad, beta, iteration, k, kernel):
-        T, dist = kernel(C.detach(), txt_pad, img_pad, beta, iteration, k, True)
-        ctx.save_for_backward(T)
-        ctx.cost_dtype = C.dtype
-        return dist
-
-    @staticmethod
-    def backward(ctx, grad):
-        (T,) = ctx.saved_tensors
-        grad_C = (grad[:, None, None] * T.transpose(1, 2)).to(ctx.cost_dtype)
-        return grad_C, None, None, None, None, None, None
-
-
-def fused_distance(kernel):
-    """``ipot_distance`` backend from ``kernel(C, tp, ip, beta, it, k, with_plan)
-    -> (T or None, distance)``: without a gradient the plan is not written."""
-    def distance(C, txt_pad, img_pad, beta, iteration, k):
-        if not (C.requires_grad and torch.is_grad_enabled()):
-            return kernel(C.detach(), txt_pad, img_pad, beta, iteration, k, False)[1]
-        return _FusedDistance.apply(C, txt_pad, img_pad, beta, iteration, k, kernel)
+    def distance(C, txt_pad, img_pad, beta, iteration, k, with_plan):
+        T = _ref.ipot(C, txt_pad, img_pad, beta, iteration, k)
+        return T, (C.float() * T.transpose(1, 2)).sum(dim=(1, 2))
     return distance
 
 
@@ -256,7 +244,7 @@ def _ext_plan(kind: str):
 
 def _ext_distance(kind: str):
     def load():
-        return fused_distance(_ext_fn(kind, f"ipot_distance_{kind}"))
+        return _ext_fn(kind, f"ipot_distance_{kind}")
     return load
 
 
@@ -275,7 +263,7 @@ def _triton_plan():
 
 def _triton_distance():
     from uniter_fast.kernels import ipot_triton
-    return fused_distance(ipot_triton.ipot_distance)
+    return ipot_triton.ipot_distance
 
 
 for _op, _ref_impl, _ext_impl, _tri_impl in (
@@ -289,6 +277,90 @@ for _op, _ref_impl, _ext_impl, _tri_impl in (
                        priority=30)
 
 
+# ----------------------------------------------------------------- custom ops
+#
+# Every IPOT backend runs inside one of two registered custom ops (torch.library), so
+# torch.compile sees one opaque node with a fake (meta) implementation and the
+# autograd formula below instead of tracing into the routing (which reads the cost's
+# range: data-dependent) or into the C++/CUDA/Triton launchers.  The backend is picked
+# by the registry in the Python wrapper (at trace time under torch.compile) and passed
+# by name; the op loads it when it runs (``_registry.load``).
+
+
+@torch.library.custom_op("uniter_fast::ipot", mutates_args=())
+def _ipot_op(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor, beta: float,
+             iteration: int, k: int, backend: str) -> torch.Tensor:
+    """The plan [B, N, M] float32 on ``backend`` with the routing of :func:`routed_plan`."""
+    return routed_plan(C, txt_pad, img_pad, beta, iteration, k,
+                       _registry.load(OP, backend)).contiguous()
+
+
+@_ipot_op.register_fake
+def _ipot_fake(C, txt_pad, img_pad, beta, iteration, k, backend):
+    return C.new_empty((C.size(0), C.size(2), C.size(1)), dtype=torch.float32)
+
+
+@torch.library.custom_op("uniter_fast::ipot_distance", mutates_args=())
+def _distance_op(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor, beta: float,
+                 iteration: int, k: int, backend: str, with_plan: bool, route: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(plan [B, N, M] float32, or an empty tensor without ``with_plan``; trace(C·T) [B]
+    float32).  ``route``: decide per example between ``backend`` and the float64 log
+    domain (:func:`fast_cost`); without it the cost is known to be in the kernels'
+    range (the WRA's cosine cost at beta >= WRA_FAST_MIN_BETA) and goes to ``backend``
+    as it is."""
+    routing = fast_cost(C, txt_pad, img_pad, beta, iteration) if route else None
+    if routing is None or routing[1]:   # the backend's fused plan + trace
+        T, dist = _registry.load(DIST_OP, backend)(C, txt_pad, img_pad, beta, iteration, k,
+                                                   with_plan)
+        if route:
+            check_finite(dist, beta,
+                         lambda: [C.masked_fill(txt_pad[:, :, None] | img_pad[:, None, :], 0)])
+    else:
+        # the plan (on the backend where the examples fit), then the trace of the original
+        # cost over the real block
+        T = routed_plan(C, txt_pad, img_pad, beta, iteration, k, _registry.load(OP, backend),
+                        routing).contiguous()
+        real = C.float().masked_fill(txt_pad[:, :, None] | img_pad[:, None, :], 0)
+        dist = (real * T.transpose(1, 2)).sum(dim=(1, 2))
+    if not with_plan or T is None:
+        T = dist.new_empty(0)
+    return T, dist
+
+
+@_distance_op.register_fake
+def _distance_fake(C, txt_pad, img_pad, beta, iteration, k, backend, with_plan, route):
+    b, m, n = C.shape
+    return (C.new_empty((b, n, m) if with_plan else (0,), dtype=torch.float32),
+            C.new_empty((b,), dtype=torch.float32))
+
+
+def _distance_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[0])
+    ctx.cost_dtype = inputs[0].dtype
+    ctx.with_plan = inputs[7]
+    ctx.mark_non_differentiable(output[0])
+
+
+def _distance_backward(ctx, grad_plan, grad_dist):
+    """d distance / d C = Tᵀ (the plan is a constant, as in UNITER)."""
+    (T,) = ctx.saved_tensors
+    if not ctx.with_plan:
+        raise RuntimeError("uniter_fast::ipot_distance ran without its plan (with_plan=False) "
+                           "and cannot be differentiated")
+    grad_C = (grad_dist[:, None, None] * T.transpose(1, 2)).to(ctx.cost_dtype)
+    return grad_C, None, None, None, None, None, None, None, None
+
+
+_distance_op.register_autograd(_distance_backward, setup_context=_distance_setup)
+
+
+def _distance(C, tp, ip, beta, iteration, k, backend, route):
+    with_plan = torch.is_grad_enabled() and C.requires_grad
+    return torch.ops.uniter_fast.ipot_distance(C, tp, ip, beta, iteration, k, backend,
+                                               with_plan, route)[1]
+
+
 # ----------------------------------------------------------------- public ops
 
 def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
@@ -297,29 +369,21 @@ def ipot(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
     """IPOT plan for cost C [B, M, N]; pads are 1 = padded. Returns [B, N, M] float32.
     Small beta and offset costs: see the module docstring."""
     tp, ip, beta, iteration, k = check_inputs(C, txt_pad, img_pad, beta, iteration, k)
-    fn = _registry.resolve(OP, backend, C.device, C.dtype)
-    return routed_plan(C, tp, ip, beta, iteration, k, fn)
+    name = _registry.selected_backend(OP, backend, C.device, C.dtype)
+    return torch.ops.uniter_fast.ipot(C.detach(), tp, ip, beta, iteration, k, name)
 
 
 def distance_on_backend(C, tp, ip, beta, iteration, k, backend=None):
     """The ``ipot_distance`` backend on a cost known to be in its range (see
     :func:`fast_cost`), inputs meeting the contract; no routing, no host sync."""
-    return _registry.resolve(DIST_OP, backend, C.device, C.dtype)(C, tp, ip, beta, iteration, k)
+    name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
+    return _distance(C, tp, ip, beta, iteration, k, name, False)
 
 
 def distance_unchecked(C, tp, ip, beta, iteration, k, backend=None):
     """:func:`ipot_distance` on inputs that already meet its contract."""
-    route = fast_cost(C, tp, ip, beta, iteration)
-    if route[1]:   # unchanged: the backend's fused distance
-        return check_finite(distance_on_backend(C, tp, ip, beta, iteration, k, backend), beta,
-                            lambda: [route[0].masked_fill(tp[:, :, None] | ip[:, None, :], 0)])
-    # the plan (on the backend ipot_distance would run, where it fits), then the trace of
-    # the original cost (gradient Tᵀ by autograd)
     name = _registry.selected_backend(DIST_OP, backend, C.device, C.dtype)
-    T = routed_plan(C, tp, ip, beta, iteration, k,
-                    _registry.resolve(OP, name, C.device, C.dtype), route)
-    real = C.float().masked_fill(tp[:, :, None] | ip[:, None, :], 0)
-    return (real * T.transpose(1, 2)).sum(dim=(1, 2))
+    return _distance(C, tp, ip, beta, iteration, k, name, True)
 
 
 def ipot_distance(C: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,

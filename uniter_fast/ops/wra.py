@@ -27,8 +27,15 @@ Backends:
   copies), then ``ipot_distance`` on that backend (trace in the kernel).
 * ``torch``: the cost op, then ``ipot_distance`` on "auto" (anywhere).
 * ``reference``: :func:`uniter_fast.reference.optimal_transport_dist`.
+
+torch.compile: the ``cpp`` kernel is the custom op ``uniter_fast::wra_cpp`` (backward
+``uniter_fast::wra_cpp_backward``), the composed backends run the cost op (plain
+PyTorch, traced) and the custom op ``uniter_fast::ipot_distance``; the reference is
+plain PyTorch.  The finiteness check of every backend is the custom op
+``uniter_fast::wra_check_finite`` (identity on the distances), so no device scalar is
+read in traced code.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -70,22 +77,103 @@ def _composed(distance_backend: Optional[str]):
     return load
 
 
-class _FusedWRA(torch.autograd.Function):
-    """The C++ kernel's distances; backward by its second pass."""
+# ----------------------------------------------------------------- custom ops
+#
+# The C++ kernel (forward and backward) and the finiteness check are registered custom
+# ops: torch.compile sees opaque nodes with fake implementations and the autograd
+# formula below; the extension is loaded when the op runs, never in a traced region.
 
-    @staticmethod
-    def forward(ctx, x, y, tp, ip, beta, iteration, k, mod):
-        dist, P, px, py = mod.wra_forward_cpu(x, y, tp, ip, beta, iteration, k, COSINE_EPS, True)
-        ctx.save_for_backward(x, y, tp, ip, P, px, py)
-        ctx.mod = mod
-        return dist
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, tp, ip, P, px, py = ctx.saved_tensors
-        dx, dy = ctx.mod.wra_backward_cpu(grad.contiguous(), x, y, tp, ip, P, px, py,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dy, None, None, None, None, None, None
+def _cpu_module():
+    from .. import _ext
+    return _ext.cpu_module()
+
+
+@torch.library.custom_op("uniter_fast::wra_cpp", mutates_args=())
+def _wra_cpp_op(x: torch.Tensor, y: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor,
+                beta: float, iteration: int, k: int, with_grad: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distances [B], and with ``with_grad`` what the backward pass reads: P [B, M, N],
+    px [B, M], py [B, N]; empty tensors without it), float32 embeddings, bool pads."""
+    dist, P, px, py = _cpu_module().wra_forward_cpu(x, y, txt_pad, img_pad, beta, iteration, k,
+                                                    COSINE_EPS, with_grad)
+    if not with_grad:
+        P, px, py = (dist.new_empty(0) for _ in range(3))
+    return dist, P, px, py
+
+
+@_wra_cpp_op.register_fake
+def _wra_cpp_fake(x, y, txt_pad, img_pad, beta, iteration, k, with_grad):
+    b, m, n = x.size(0), x.size(1), y.size(1)
+    f32 = dict(dtype=torch.float32)
+    if not with_grad:
+        return (x.new_empty((b,), **f32),) + tuple(x.new_empty((0,), **f32) for _ in range(3))
+    return (x.new_empty((b,), **f32), x.new_empty((b, m, n), **f32), x.new_empty((b, m), **f32),
+            x.new_empty((b, n), **f32))
+
+
+@torch.library.custom_op("uniter_fast::wra_cpp_backward", mutates_args=())
+def _wra_cpp_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                         txt_pad: torch.Tensor, img_pad: torch.Tensor, P: torch.Tensor,
+                         px: torch.Tensor, py: torch.Tensor, need_dx: bool, need_dy: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d txt_emb, d img_emb) by the kernel's second pass (empty where not needed)."""
+    dx, dy = _cpu_module().wra_backward_cpu(grad.contiguous(), x, y, txt_pad, img_pad, P, px, py,
+                                            need_dx, need_dy)
+    return (dx if dx is not None else x.new_empty(0)), (dy if dy is not None else y.new_empty(0))
+
+
+@_wra_cpp_backward_op.register_fake
+def _wra_cpp_backward_fake(grad, x, y, txt_pad, img_pad, P, px, py, need_dx, need_dy):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx
+            else x.new_empty(0),
+            torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy
+            else y.new_empty(0))
+
+
+def _wra_cpp_setup(ctx, inputs, output):
+    x, y, tp, ip = inputs[:4]
+    _, P, px, py = output
+    ctx.save_for_backward(x, y, tp, ip, P, px, py)
+    ctx.mark_non_differentiable(P, px, py)
+
+
+def _wra_cpp_backward(ctx, grad, *_):
+    x, y, tp, ip, P, px, py = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dy = torch.ops.uniter_fast.wra_cpp_backward(grad, x, y, tp, ip, P, px, py, need_dx,
+                                                    need_dy)
+    return (dx if need_dx else None), (dy if need_dy else None), None, None, None, None, None, None
+
+
+_wra_cpp_op.register_autograd(_wra_cpp_backward, setup_context=_wra_cpp_setup)
+
+
+def _cpp_wra(x, y, tp, ip, beta, iteration, k):
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    return torch.ops.uniter_fast.wra_cpp(x, y, tp, ip, beta, iteration, k, with_grad)[0]
+
+
+@torch.library.custom_op("uniter_fast::wra_check_finite", mutates_args=())
+def _check_finite_op(dist: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     txt_pad: torch.Tensor, img_pad: torch.Tensor, beta: float) -> torch.Tensor:
+    """``dist`` (a copy) after :func:`~uniter_fast.ops.ipot.check_finite`: a ValueError
+    when the distances are not finite although the real rows of the embeddings are (a
+    device-side assertion on a GPU).  An op of its own, so the check runs in the compiled
+    graph without reading a device scalar in the traced code."""
+    check_finite(dist, beta, lambda: [x.masked_fill(txt_pad[:, :, None], 0),
+                                      y.masked_fill(img_pad[:, :, None], 0)])
+    return dist.clone()
+
+
+@_check_finite_op.register_fake
+def _check_finite_fake(dist, x, y, txt_pad, img_pad, beta):
+    return torch.empty_like(dist)
+
+
+_check_finite_op.register_autograd(
+    lambda ctx, grad: (grad, None, None, None, None, None),
+    setup_context=lambda ctx, inputs, output: None)
 
 
 def _cpp_available(device, dtype):
@@ -99,14 +187,7 @@ def _cpp_available(device, dtype):
 
 
 def _cpp():
-    from .. import _ext
-    mod = _ext.cpu_module()
-
-    def wra(x, y, tp, ip, beta, iteration, k):
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            return _FusedWRA.apply(x, y, tp, ip, beta, iteration, k, mod)
-        return mod.wra_forward_cpu(x, y, tp, ip, beta, iteration, k, COSINE_EPS, False)[0]
-    return wra
+    return _cpp_wra
 
 
 _registry.register(WRA_OP, "reference", _reference, priority=0)
@@ -139,5 +220,4 @@ def optimal_transport_dist(txt_emb: torch.Tensor, img_emb: torch.Tensor,
         cost = cosine_cost_unchecked(x, y, tp, ip, COSINE_EPS)
         dist = distance_unchecked(cost, tp, ip, beta, iteration, k,
                                   name if name in _registry.registered_backends(DIST_OP) else None)
-    return check_finite(dist, beta, lambda: [x.masked_fill(tp[:, :, None], 0),
-                                             y.masked_fill(ip[:, :, None], 0)])
+    return torch.ops.uniter_fast.wra_check_finite(dist, x, y, tp, ip, beta)
