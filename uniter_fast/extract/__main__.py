@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
                         "per line (relative to the file's folder; # comments)")
     p.add_argument("--out", required=True, help="the image db directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="uniter",
-                   help="image sizes: uniter 600/1000 (UNITER's extraction), lxmert 800/1333")
+                   help="image sizes: uniter 600/1000 (UNITER's extraction), lxmert 800/1333, "
+                        "small 300/500 with 100 proposals (quick tries)")
     p.add_argument("--conf_th", type=float, default=None,
                    help=f"keep boxes of confidence > conf_th (default {DEFAULT_CONF_TH})")
     p.add_argument("--max_bb", type=int, default=None,
