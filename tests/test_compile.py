@@ -14,10 +14,23 @@ equals eager (values and gradients).
   eager errors, and the state-dict keys are unchanged.
 """
 
+import contextlib
+import copy
+
 import pytest
 import torch
+from batches import make_batch
 
-from uniter_fast import ops
+import uniter_fast
+from uniter_fast import UniterConfig, UniterForPretraining, ops
+from uniter_fast.model import (
+    UniterForImageTextRetrieval,
+    UniterForImageTextRetrievalHardNeg,
+    UniterForPretrainingForVCR,
+    UniterForReferringExpressionComprehension,
+    UniterForVisualCommonsenseReasoning,
+)
+from uniter_fast.model.compile import compile_counts, compile_model, dynamo_config
 from uniter_fast.ops import _registry
 
 CPU_BACKENDS = {op: [b for b in ops.available_backends(op, "cpu") if "triton" not in b]
@@ -148,3 +161,197 @@ def test_switching_backends_under_compile_recompiles(toy_op):
     with ops.use_backend("times"):
         assert fn(x).tolist() == [5.0] * 3
     assert fn(x).tolist() == [2.0] * 3
+
+
+# ----------------------------------------------------------------- models
+
+PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
+TXT, NBB = [5, 7, 3, 6], [4, 6, 2, 5]
+
+
+def _pretrain_case(task):
+    torch.manual_seed(0)
+    cfg = UniterConfig.from_json_file(uniter_fast.config_path("uniter-tiny"))
+    model = UniterForPretraining(cfg, 32, 10).eval()
+    batch = make_batch(task, cfg.vocab_size, 32, 10, TXT, NBB,
+                       gen=torch.Generator().manual_seed(1))
+    return model, (batch, task), {}
+
+
+def _finetune_cases():
+    """name -> () -> (model, args, kwargs): every fine-tuning model on a batch of its
+    own layout (the batches of the models' tests)."""
+    import test_itr_re_vcr_models as irv
+    import test_models_vqa_ve_nlvr2 as vvn
+
+    def answer(name):
+        def make():
+            model, cfg = vvn.tiny_model(name)
+            return model, (vvn.task_batch(name, cfg),), {}
+        return make
+
+    def itm():
+        cfg = irv.tiny_cfg()
+        torch.manual_seed(0)
+        model = irv.jitter(UniterForImageTextRetrieval(cfg, irv.IMG_DIM)).eval()
+        b = irv.itm_batch(cfg, [5, 3, 7, 2, 4, 6], [3, 6, 2, 5, 4, 1])
+        b["sample_size"] = 3
+        return model, (b,), {}
+
+    def itm_hn(side):
+        def make():
+            cfg = irv.tiny_cfg()
+            torch.manual_seed(0)
+            model = irv.jitter(UniterForImageTextRetrievalHardNeg(cfg, irv.IMG_DIM,
+                                                                  hard_size=3)).train()
+            return model, (irv.hn_batch(cfg, side, 6),), {"sample_from": side}
+        return make
+
+    def re(loss):
+        def make():
+            cfg = irv.tiny_cfg()
+            torch.manual_seed(0)
+            model = irv.jitter(UniterForReferringExpressionComprehension(
+                cfg, irv.IMG_DIM, loss=loss, hard_ratio=0.5)).eval()
+            return model, (irv.re_batch(cfg, [5, 3, 7], [4, 6, 2]),), {}
+        return make
+
+    def vcr():
+        cfg = irv.tiny_cfg()
+        torch.manual_seed(0)
+        model = irv.jitter(irv.vcr_model(UniterForVisualCommonsenseReasoning, cfg)).eval()
+        return model, (irv.vcr_batch(cfg),), {}
+
+    cases = {f"answer-{n}": answer(n) for n in vvn.MODELS}   # VQA, VE, NLVR2 x3
+    cases.update({"retrieval": itm, "retrieval-hard-neg-t": itm_hn("t"),
+                  "retrieval-hard-neg-i": itm_hn("i"), "re-cls": re("cls"),
+                  "re-rank": re("rank"), "vcr": vcr})
+    return cases
+
+
+FINETUNE = _finetune_cases()
+MODEL_CASES = dict({f"pretrain-{t}": (lambda t=t: _pretrain_case(t)) for t in PRETRAIN_TASKS},
+                   **FINETUNE)
+
+
+def _outputs(out):
+    """The tensors of a forward's output (ITM: the loss and both WRA distance sets)."""
+    if isinstance(out, tuple):
+        itm_loss, (pos, neg) = out
+        return [itm_loss, pos, neg]
+    return [out]
+
+
+def _loss(outs):
+    if len(outs) == 3:   # UNITER's ITM + WRA objective
+        return uniter_fast.itm_ot_loss(outs[0], (outs[1], outs[2]), 0.1)
+    return outs[0].float().mean()
+
+
+def _step(model, args, kwargs):
+    """Outputs and parameter gradients of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)               # RE's rank loss draws its negatives
+    outs = _outputs(model(*args, **kwargs))
+    _loss(outs).backward()
+    return ([o.detach() for o in outs],
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _backend(name):
+    return contextlib.nullcontext() if name == "auto" else ops.use_backend(name)
+
+
+#: the padding of the hard batch stays under compile (no data-dependent cut): the same
+#: losses, gradients to fp32 rounding (GEMMs over a longer, zero-weighted key axis)
+ROUNDING = {"retrieval-hard-neg-t": dict(rtol=1e-5, atol=1e-7)}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_forward_has_no_graph_break(case, backend):
+    """torch._dynamo.explain of the model's forward: one graph, no break, on CPU's default
+    backends and on the reference ops (the batch checks run before it, as compile_model
+    runs them)."""
+    model, args, kwargs = MODEL_CASES[case]()
+    with _backend(backend):
+        torch._dynamo.reset()
+        model.validate(*args, **kwargs)
+        with dynamo_config():
+            explained = torch._dynamo.explain(model.forward)(*args, **kwargs)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", [c for c in MODEL_CASES])
+def test_compiled_model_equals_eager(case, backend):
+    """The model compiled by compile_model (aot_eager, fullgraph: a break would raise)
+    gives the eager outputs (per-token losses: same shapes) and parameter gradients,
+    exactly.  Every model on "auto"; on the reference ops the pretraining tasks (the
+    fine-tuning heads use no op that differs between the two)."""
+    if backend == "reference" and not case.startswith("pretrain-"):
+        pytest.skip("the fine-tuning models on the reference ops: explain only (above)")
+    model, args, kwargs = MODEL_CASES[case]()
+    tol = ROUNDING.get(case, dict(rtol=0, atol=0))
+    with _backend(backend):
+        compiled = compile_model(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+        outs, grads = _step(model, args, kwargs)
+        outs_c, grads_c = _step(compiled, args, kwargs)
+    assert [o.shape for o in outs_c] == [o.shape for o in outs]
+    for a, b in zip(outs_c, outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grads_c.keys() == grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], msg=n, **tol)
+
+
+def test_second_stage_vcr_pretraining_compiles_without_a_break():
+    import test_itr_re_vcr_models as irv
+    cfg = irv.tiny_cfg()
+    model = irv.vcr_model(UniterForPretrainingForVCR, cfg, 10).eval()
+    for task in ("mlm", "mrfr", "mrc-kl"):
+        batch = make_batch(task, cfg.vocab_size, irv.IMG_DIM, 10, TXT, NBB,
+                           gen=torch.Generator().manual_seed(2))
+        batch["txt_type_ids"] = torch.zeros_like(batch["input_ids"])
+        torch._dynamo.reset()
+        with dynamo_config():
+            explained = torch._dynamo.explain(model.forward)(batch, task)
+        assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
+@pytest.mark.slow
+def test_inductor_equals_eager_to_fp32_rounding():
+    """The real compiler (inductor, CPU code generation) on ITM + WRA (the C++ WRA ops,
+    the data-dependent positive/negative selection), forward and backward: the eager
+    losses and gradients to fp32 rounding."""
+    for task in ("itm",):
+        model, args, kwargs = _pretrain_case(task)
+        compiled = compile_model(copy.deepcopy(model))
+        outs, grads = _step(model, args, kwargs)
+        outs_c, grads_c = _step(compiled, args, kwargs)
+        for a, b in zip(outs_c, outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for n in grads:
+            torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compile_model_keeps_the_checks_and_the_state_dict():
+    """compile_model validates each batch before the compiled call, with the eager errors;
+    parameters and state-dict keys are the model's (no _orig_mod. prefix); a second call
+    does nothing."""
+    model, (batch, task), _ = _pretrain_case("mrfr")
+    keys = list(model.state_dict())
+    compiled = compile_model(model, backend="aot_eager")
+    assert compile_model(compiled, backend="aot_eager") is compiled
+    assert list(compiled.state_dict()) == keys
+    before = compile_counts()["compilations"]
+    compiled(batch, task)
+    bad = dict(batch, feat_targets=batch["feat_targets"][1:])      # one target row short
+    with pytest.raises(ValueError, match=r"does not match the \d+ masked regions"):
+        compiled(bad, task)
+    with pytest.raises(ValueError, match="img_feat contains NaN"):
+        compiled(dict(batch, img_feat=batch["img_feat"] * float("nan")), task)
+    with pytest.raises(ValueError, match="unknown task"):
+        compiled(batch, "nope")
+    assert compile_counts()["compilations"] == before + 1       # one compilation for mrfr

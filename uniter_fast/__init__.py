@@ -35,8 +35,9 @@ _expose_source_kernels()
 from . import ops, reference
 from .config import UniterConfig, config_path
 from .model import TASKS, UniterForPretraining, UniterModel, UniterPreTrainedModel, itm_ot_loss
+from .model.compile import compile_model
 from .ops import optimal_transport_dist
 
 __all__ = ["UniterConfig", "config_path", "UniterModel", "UniterPreTrainedModel",
            "UniterForPretraining", "itm_ot_loss", "optimal_transport_dist", "TASKS", "ops",
-           "reference"]
+           "reference", "compile_model"]

@@ -22,6 +22,9 @@ class UniterFinetuneModel(UniterPreTrainedModel):
     ``validate_inputs`` (default True) checks every batch (shapes, ranges,
     finite features and targets; one or two host syncs) and raises
     ``ValueError`` naming the problem; set it False on a trusted pipeline.
+    Under ``torch.compile`` the forward skips the checks (they read tensors on the
+    host): :meth:`validate` runs them before the compiled region
+    (:func:`uniter_fast.compile_model` does, once per batch).
     """
 
     validate_inputs = True
@@ -37,6 +40,14 @@ class UniterFinetuneModel(UniterPreTrainedModel):
         if compute_loss:
             self._check_targets(batch)
 
+    def validate(self, batch: Dict[str, Any], compute_loss: bool = True) -> None:
+        """The checks ``forward(batch, compute_loss)`` makes (when ``validate_inputs``),
+        eagerly: what a compiled forward leaves to its caller."""
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        if self.validate_inputs:
+            self.check_batch(batch, compute_loss)
+
     def _check_layout(self, batch: Dict[str, Any]) -> None:
         """Task-specific structure checks (no host sync)."""
 
@@ -47,7 +58,7 @@ class UniterFinetuneModel(UniterPreTrainedModel):
         """Validate (if enabled) and run the encoder; returns the last layer [B, T, H]."""
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-        if self.validate_inputs:
+        if self.validate_inputs and not torch.compiler.is_compiling():
             self.check_batch(batch, compute_loss)
         return self.uniter(batch["input_ids"], batch["position_ids"], batch["img_feat"],
                            batch["img_pos_feat"], batch["attn_masks"], batch["gather_index"],

@@ -143,6 +143,14 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
                 out[k] = t.expand(b, *t.shape[1:])
         return out
 
+    def validate(self, batch: Dict[str, Any], sample_from: str = "t",
+                 compute_loss: bool = True) -> None:
+        """The checks of :meth:`forward`, eagerly: the expanded batch as the scoring pass
+        (training) or the ranking loss (evaluation with ``compute_loss``) reads it."""
+        batch = self._expand(batch, sample_from)
+        if self.validate_inputs:
+            self.check_batch(batch, compute_loss and not self.training)
+
     def forward(self, batch: Dict[str, Any], sample_from: str = "t",
                 compute_loss: bool = True) -> torch.Tensor:
         batch = self._expand(batch, sample_from)
@@ -171,8 +179,10 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
             position_ids = position_ids[:n]
         if sample_from == "t":
             # one text for every row: drop the padding the kept images do not need
-            # (one host sync, as the original)
-            max_len = int(attn.sum(dim=1).max())
+            # (one host sync, as the original; under torch.compile the padding stays: the
+            # same scores, padded keys weigh exactly 0, and no data-dependent shape)
+            max_len = attn.size(1) if torch.compiler.is_compiling() else \
+                int(attn.sum(dim=1).max())
             max_i = max_len - input_ids.size(1)
             attn, gather = attn[:, :max_len], gather[:, :max_len]
             img_feat = img_feat.index_select(0, indices)[:, :max_i]

@@ -54,6 +54,12 @@ class UniterPreTrainedModel(nn.Module):
                              f"got {type(config).__name__}")
         self.config = config
 
+    def validate(self, *args, **kwargs) -> None:
+        """Check the inputs of ``forward(*args, **kwargs)`` eagerly, raising ``ValueError``
+        naming a problem (the task models check their batches; see their ``validate``).
+        Under ``torch.compile`` a forward does not check (the checks read tensors on the
+        host); :func:`uniter_fast.compile_model` calls this before each compiled call."""
+
     def init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)

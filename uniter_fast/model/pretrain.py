@@ -59,10 +59,43 @@ def itm_ot_loss(itm_loss: torch.Tensor,
     return loss + itm_ot_lambda * ot.to(loss.dtype)
 
 
-class UniterForPretraining(UniterPreTrainedModel):
-    """UNITER pretraining: ``forward(batch, task, compute_loss=True)`` as in the original."""
+def masked_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices [n] of the set entries of ``mask`` (bool or uint8), row-major: what
+    ``hidden[mask]`` selects, as one index that every tensor of the batch shares (under
+    torch.compile one data-dependent size for all of them)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
-    validate_inputs = True  # two host syncs per forward; set False on a trusted pipeline
+
+def _select_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden`` [..., H] flattened to rows, the rows ``index`` (a gather: the same values
+    and gradients as boolean-mask indexing)."""
+    return hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
+
+
+def check_rows(pred: torch.Tensor, targets: torch.Tensor, message) -> None:
+    """``pred`` (one row per masked region) must have ``targets``' shape: a ValueError
+    naming both in eager mode; under torch.compile, where the number of masked regions
+    is data-dependent, the same condition as a check in the graph (the batch check,
+    run before the compiled region, already compared the counts)."""
+    if torch.compiler.is_compiling():
+        torch._check(pred.size(0) == targets.size(0),
+                     lambda: "the masked regions of img_mask_tgt and the target rows differ")
+        return
+    if pred.shape != targets.shape:
+        raise ValueError(message())
+
+
+class UniterForPretraining(UniterPreTrainedModel):
+    """UNITER pretraining: ``forward(batch, task, compute_loss=True)`` as in the original.
+
+    ``validate_inputs`` (default True) checks every batch (shapes, ranges, finite
+    features and targets: one host sync) and raises ``ValueError`` naming the problem;
+    set it False on a trusted pipeline.  Under ``torch.compile`` the forward skips the
+    checks (they read tensors on the host): :meth:`validate` runs them before the
+    compiled region (:func:`uniter_fast.compile_model` does, once per batch).
+    """
+
+    validate_inputs = True
 
     def __init__(self, config, img_dim: int, img_label_dim: int):
         super().__init__(config)
@@ -132,12 +165,35 @@ class UniterForPretraining(UniterPreTrainedModel):
         if "targets" in need and batch["targets"].numel():
             tg = batch["targets"]
             checks.append(("targets must be 0 or 1 (itm)", ((tg < 0) | (tg > 1)).any()))
-        if not checks:
+        # the masked regions (the rows the head predicts) against the target rows
+        rows = [k for k in ("feat_targets", "label_targets") if k in need]
+        if not checks and not rows:
             return
-        flags = torch.stack([f.to(ids.device) for _, f in checks]).tolist()
+        n_masked = [batch["img_mask_tgt"].bool().sum()] if rows else []
+        flags = torch.stack([f.to(ids.device, torch.int64) for _, f in checks]
+                            + [n.to(ids.device) for n in n_masked]).tolist()
         for (msg, _), bad in zip(checks, flags):
             if bad:
                 raise ValueError(f"batch for task {task!r}: {msg}")
+        for k in rows:
+            n, t = flags[-1], batch[k]
+            if t.size(0) != n:
+                raise ValueError(
+                    f"feat_targets shape {tuple(t.shape)} does not match the {n} masked "
+                    f"regions in img_mask_tgt" if k == "feat_targets" else
+                    f"label_targets shape {tuple(t.shape)} does not match predictions "
+                    f"{(n, widths[k])}")
+
+    def validate(self, batch: Dict[str, Any], task: str, compute_loss: bool = True) -> None:
+        """The checks ``forward(batch, task, compute_loss)`` makes (when ``validate_inputs``),
+        eagerly: what a compiled forward leaves to its caller."""
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        task = "mrc-kl" if task == "mrckl" else task
+        if self.validate_inputs:
+            self.check_batch(batch, task)
+        elif task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: Dict[str, Any], task: str, compute_loss: bool = True):
@@ -145,7 +201,7 @@ class UniterForPretraining(UniterPreTrainedModel):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
         if task == "mrckl":
             task = "mrc-kl"
-        if self.validate_inputs:
+        if self.validate_inputs and not torch.compiler.is_compiling():
             self.check_batch(batch, task)
         elif task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -164,17 +220,23 @@ class UniterForPretraining(UniterPreTrainedModel):
     @staticmethod
     def _compute_masked_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Rows of ``hidden`` where ``mask`` is set (bool or uint8)."""
-        return hidden[mask.bool()].contiguous().view(-1, hidden.size(-1))
+        return _select_rows(hidden, masked_index(mask))
 
     def forward_mlm(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                     gather_index, txt_labels, compute_loss=True):
         seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                           gather_index, output_all_encoded_layers=False)
-        seq = seq[:, :input_ids.size(1), :]
-        masked = txt_labels != -1
-        scores = self.cls(self._compute_masked_hidden(seq, masked))
+        return self._mlm_output(seq, txt_labels, compute_loss)
+
+    def _mlm_output(self, seq, txt_labels, compute_loss):
+        """MLM scores (or per-token losses) of the masked text positions of ``seq``
+        [B, joint, H]: one index shared by the hidden rows and the labels."""
+        masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
+        index = masked[:, 0] * seq.size(1) + masked[:, 1]       # rows of seq, text first
+        scores = self.cls(_select_rows(seq, index))
         if compute_loss:
-            return F.cross_entropy(scores.float(), txt_labels[masked], reduction="none")
+            return F.cross_entropy(scores.float(), txt_labels[masked[:, 0], masked[:, 1]],
+                                   reduction="none")
         return scores
 
     def forward_mrfr(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
@@ -183,9 +245,9 @@ class UniterForPretraining(UniterPreTrainedModel):
                           gather_index, output_all_encoded_layers=False, img_masks=img_masks)
         pred = self.feat_regress(self._compute_masked_hidden(seq, img_mask_tgt))
         if compute_loss:
-            if pred.shape != feat_targets.shape:
-                raise ValueError(f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
-                                 f"{pred.size(0)} masked regions in img_mask_tgt")
+            check_rows(pred, feat_targets, lambda: (
+                f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
+                f"{pred.size(0)} masked regions in img_mask_tgt"))
             return F.mse_loss(pred.float(), feat_targets.float(), reduction="none")
         return pred
 
@@ -220,9 +282,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         pred = self.region_classifier(self._compute_masked_hidden(seq, img_mask_tgt))
         if not compute_loss:
             return pred
-        if pred.shape != label_targets.shape:
-            raise ValueError(f"label_targets shape {tuple(label_targets.shape)} does not match "
-                             f"predictions {tuple(pred.shape)}")
+        check_rows(pred, label_targets, lambda: (
+            f"label_targets shape {tuple(label_targets.shape)} does not match "
+            f"predictions {tuple(pred.shape)}"))
         if "kl" in task:
             return F.kl_div(F.log_softmax(pred.float(), dim=-1), label_targets.float(),
                             reduction="none")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layer import BertOnlyMLMHead
-from .pretrain import UniterForPretraining
+from .pretrain import UniterForPretraining, check_rows
 from .vcr import VCR_TYPE_ROWS, grow_type_embedding, grow_word_embedding
 
 __all__ = ["UniterForPretrainingForVCR", "VCR_PRETRAIN_TASKS"]
@@ -38,7 +38,8 @@ class UniterForPretrainingForVCR(UniterForPretraining):
         cls = BertOnlyMLMHead(self.uniter.config, emb.weight)
         self.cls = cls.to(device=emb.weight.device, dtype=emb.weight.dtype)
 
-    def forward(self, batch: Dict[str, Any], task: str, compute_loss: bool = True):
+    def validate(self, batch: Dict[str, Any], task: str, compute_loss: bool = True) -> None:
+        """The checks of :meth:`forward`, eagerly (what a compiled forward leaves out)."""
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
         task = "mrc-kl" if task == "mrckl" else task
@@ -46,6 +47,16 @@ class UniterForPretrainingForVCR(UniterForPretraining):
             raise ValueError(f"invalid task {task!r} for VCR pretraining; expected one of "
                              f"{VCR_PRETRAIN_TASKS}")
         if self.validate_inputs:
+            self.check_batch(batch, task)
+
+    def forward(self, batch: Dict[str, Any], task: str, compute_loss: bool = True):
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        task = "mrc-kl" if task == "mrckl" else task
+        if task not in VCR_PRETRAIN_TASKS:
+            raise ValueError(f"invalid task {task!r} for VCR pretraining; expected one of "
+                             f"{VCR_PRETRAIN_TASKS}")
+        if self.validate_inputs and not torch.compiler.is_compiling():
             self.check_batch(batch, task)
         args = (batch["input_ids"], batch["position_ids"], batch.get("txt_type_ids"),
                 batch["img_feat"], batch["img_pos_feat"], batch["attn_masks"],
@@ -67,12 +78,8 @@ class UniterForPretrainingForVCR(UniterForPretraining):
     def forward_mlm(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                     attention_mask, gather_index, txt_labels, compute_loss=True):
         seq = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
-                           attention_mask, gather_index)[:, :input_ids.size(1), :]
-        masked = txt_labels != -1
-        scores = self.cls(self._compute_masked_hidden(seq, masked))
-        if compute_loss:
-            return F.cross_entropy(scores.float(), txt_labels[masked], reduction="none")
-        return scores
+                           attention_mask, gather_index)
+        return self._mlm_output(seq, txt_labels, compute_loss)
 
     def forward_mrfr(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                      attention_mask, gather_index, img_masks, img_mask_tgt, feat_targets,
@@ -81,6 +88,9 @@ class UniterForPretrainingForVCR(UniterForPretraining):
                            attention_mask, gather_index, img_masks)
         pred = self.feat_regress(self._compute_masked_hidden(seq, img_mask_tgt))
         if compute_loss:
+            check_rows(pred, feat_targets, lambda: (
+                f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
+                f"{pred.size(0)} masked regions in img_mask_tgt"))
             return F.mse_loss(pred.float(), feat_targets.float(), reduction="none")
         return pred
 
@@ -92,6 +102,9 @@ class UniterForPretrainingForVCR(UniterForPretraining):
         pred = self.region_classifier(self._compute_masked_hidden(seq, img_mask_tgt))
         if not compute_loss:
             return pred
+        check_rows(pred, label_targets, lambda: (
+            f"label_targets shape {tuple(label_targets.shape)} does not match "
+            f"predictions {tuple(pred.shape)}"))
         if "kl" in task:
             return F.kl_div(F.log_softmax(pred.float(), dim=-1), label_targets.float(),
                             reduction="none")

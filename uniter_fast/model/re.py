@@ -79,7 +79,7 @@ def image_hidden(seq: torch.Tensor, txt_lens: Sequence[int], num_bbs: Sequence[i
     k = torch.arange(max_bb)
     valid = k[None, :] < nbb[:, None]
     idx = torch.where(valid, tl[:, None] + k[None, :], torch.zeros((), dtype=torch.long))
-    if int((tl + nbb).max()) > seq.size(1):
+    if max(int(t) + int(b) for t, b in zip(txt_lens, num_bbs)) > seq.size(1):   # host lists
         raise ValueError(f"txt_lens + num_bbs exceed the sequence length {seq.size(1)}")
     idx = idx.to(seq.device, non_blocking=True)
     out = seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.size(-1)))

@@ -112,7 +112,7 @@ class UniterForVisualCommonsenseReasoning(UniterFinetuneModel):
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-        if self.validate_inputs:
+        if self.validate_inputs and not torch.compiler.is_compiling():
             self.check_batch(batch, compute_loss)
         seq = self.uniter(batch["input_ids"], batch["position_ids"], batch["img_feat"],
                           batch["img_pos_feat"], batch["attn_masks"], batch["gather_index"],
