@@ -591,3 +591,24 @@ def test_speed_settings_change_no_result(files):
         np.testing.assert_array_equal(a["obj_ids"], b["obj_ids"])
         np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
         np.testing.assert_allclose(a["features"], b["features"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("r,k,top", [(60, 40, 10), (60, 40, 59), (120, 300, 25), (30, 5, 3),
+                                     (200, 1600, 100)])
+def test_class_nms_top_is_exact_for_the_kept_boxes(r, k, top):
+    """Leaving out the pairs below the top-th first score changes no kept box, its confidence,
+    the order, or the count of confidences above a threshold UNITER's rule can reach."""
+    g = torch.Generator().manual_seed(r + k + top)
+    xy = torch.rand(r, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 5 + torch.rand(r, 2, generator=g) * 40], 1)
+    # peaked class distributions, as a trained head's: a few classes per box take the mass
+    scores = torch.softmax(torch.randn(r, k + 1, generator=g) * 4, -1)[:, :k]
+    full, full_cls = class_nms_max_conf(boxes, scores, 0.3)
+    fast, fast_cls = class_nms_max_conf(boxes, scores, 0.3, top=top)
+    want = torch.sort(full, descending=True, stable=True).indices[:top]
+    got = torch.sort(fast, descending=True, stable=True).indices[:top]
+    assert torch.equal(got, want)
+    assert torch.equal(fast[got], full[want]) and torch.equal(fast_cls[got], full_cls[want])
+    assert torch.all(fast <= full)
+    for th in (0.0, 0.1, 0.2, 0.5):
+        assert torch.equal(select_boxes(fast, th, 1, top), select_boxes(full, th, 1, top))

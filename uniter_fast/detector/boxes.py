@@ -6,7 +6,7 @@ Boxes are ``(x1, y1, x2, y2)`` in pixels, widths ``x2 - x1`` (detectron2's conve
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -71,8 +71,8 @@ def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor
     return out
 
 
-def class_nms_max_conf(boxes: torch.Tensor, scores: torch.Tensor,
-                       iou_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def class_nms_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
+                       top: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The original extraction's confidence of every box (``max_conf`` of
     ``generate_tsv.py``): NMS runs per class over all boxes with that class's scores, and a
     box's confidence is its highest score among the classes whose NMS kept it.
@@ -80,8 +80,16 @@ def class_nms_max_conf(boxes: torch.Tensor, scores: torch.Tensor,
     ``boxes`` [R, 4] (the same boxes for every class: the RPN proposals), ``scores`` [R, K]
     (the foreground classes only).  Returns ``(conf [R] float32, cls [R] int64)``: ``cls`` is
     the class whose kept score is ``conf`` (the box's arg-max class when no class kept it).
-    Exact greedy NMS, all classes at once: one IoU matrix, then R steps over the boxes in each
+    Exact greedy NMS, all classes at once: one IoU matrix, then steps over the boxes in each
     class's score order.
+
+    ``top``: only the ``top`` most confident boxes are wanted (UNITER's ``max_bb``).  Every
+    class's first box is kept, so the ``top``-th largest of those first scores, ``L``, is at
+    most the ``top``-th largest confidence; a (box, class) pair scoring below ``L`` can neither
+    give one of the ``top`` confidences nor suppress a pair above it (NMS only suppresses
+    downwards), so such pairs are left out.  The confidences of the ``top`` boxes, their
+    order and every count of confidences above a threshold >= ``L`` are then exact; a box
+    below them may get a lower confidence (0) than the full computation gives.
     """
     r, k = scores.shape
     if r == 0 or k == 0:
@@ -90,16 +98,30 @@ def class_nms_max_conf(boxes: torch.Tensor, scores: torch.Tensor,
     scores = scores.float()
     over = box_iou(boxes, boxes) > iou_threshold                      # [R, R]
     # each class's boxes in decreasing score order (stable: ties keep the lower index first)
-    order = torch.sort(scores.t(), dim=1, descending=True, stable=True).indices   # [K, R]
-    suppressed = torch.zeros(k, r, dtype=torch.bool, device=scores.device)
-    kept = torch.zeros(k, r, dtype=torch.bool, device=scores.device)
-    cls = torch.arange(k, device=scores.device)
-    for step in range(r):
-        b = order[:, step]                                            # [K] the box at this rank
-        keep = ~suppressed[cls, b]
-        kept[cls, b] = keep
+    srt = torch.sort(scores.t(), dim=1, descending=True, stable=True)
+    order, ranked = srt.indices, srt.values                          # [K, R]
+    active = torch.ones_like(ranked, dtype=torch.bool)
+    if top is not None and 0 < top < r:
+        first = torch.zeros(r, dtype=torch.float32, device=scores.device)
+        first.scatter_reduce_(0, order[:, 0], ranked[:, 0], reduce="amax")
+        if int((first > 0).sum()) >= top:
+            low = torch.topk(first, top).values[-1]
+            active = ranked >= low
+    steps = int(active.sum(1).max())
+    classes = torch.nonzero(active[:, 0]).flatten()                  # classes with any pair
+    order, active = order[classes], active[classes]
+    kc = classes.numel()
+    suppressed = torch.zeros(kc, r, dtype=torch.bool, device=scores.device)
+    kept = torch.zeros(kc, r, dtype=torch.bool, device=scores.device)
+    rows = torch.arange(kc, device=scores.device)
+    for step in range(steps):
+        b = order[:, step]                                            # the box at this rank
+        keep = ~suppressed[rows, b] & active[:, step]
+        kept[rows, b] = keep
         suppressed |= keep[:, None] & over[b]
-    conf, cls = torch.where(kept.t(), scores, torch.full((), -1.0, device=scores.device)).max(1)
+    full = torch.zeros(k, r, dtype=torch.bool, device=scores.device)
+    full[classes] = kept
+    conf, cls = torch.where(full.t(), scores, torch.full((), -1.0, device=scores.device)).max(1)
     # a box that every class's NMS suppressed has confidence 0 (the original's initial value)
     none = conf < 0
     return conf.clamp(min=0), torch.where(none, scores.argmax(1), cls)

@@ -109,7 +109,8 @@ class Extractor:
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         outs = self.model(pixels, sizes, scales, autocast_dtype=self.dtype,
-                          roi_chunk=self.roi_chunk, timings=timings)
+                          roi_chunk=self.roi_chunk, timings=timings,
+                          top_boxes=self.num_bb if self.num_bb is not None else self.max_bb)
         t = time.perf_counter()
         recs = [self.record(o, p) for o, p in zip(outs, images)]
         if timings is not None:

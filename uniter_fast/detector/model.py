@@ -400,13 +400,15 @@ class BottomUpDetector(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, image_sizes: Sequence[Tuple[int, int]],
                 scales: Sequence[float], *, autocast_dtype: Optional[torch.dtype] = None,
-                roi_chunk: int = 256, timings: Optional[Dict[str, float]] = None
-                ) -> List[DetectorOutput]:
+                roi_chunk: int = 256, timings: Optional[Dict[str, float]] = None,
+                top_boxes: Optional[int] = None) -> List[DetectorOutput]:
         """``images`` [B, 3, H, W] (zero-padded), ``image_sizes`` each image's resized (h, w),
         ``scales`` each image's resize factor (boxes are divided by it).  ``autocast_dtype``:
         run the convolutions in bf16/fp16 (box arithmetic, softmax and NMS stay float32).
         ``timings``: seconds per stage are added to it (``backbone``, ``rpn``, ``res5_head``,
-        ``selection``; the device is synchronised at each boundary)."""
+        ``selection``; the device is synchronised at each boundary).  ``top_boxes``: only
+        that many boxes per image will be kept (UNITER's ``max_bb``): the confidences of the
+        others may come out lower (see :func:`~.boxes.class_nms_max_conf`), which is faster."""
         b = images.shape[0]
         if len(image_sizes) != b or len(scales) != b:
             raise ValueError(f"detector: {b} images but {len(image_sizes)} sizes and "
@@ -437,7 +439,7 @@ class BottomUpDetector(nn.Module):
         for i, p in enumerate(proposals):
             r = slice(start, start + p.shape[0])
             start += p.shape[0]
-            conf, obj = class_nms_max_conf(p, probs[r, :-1], cfg.class_nms)
+            conf, obj = class_nms_max_conf(p, probs[r, :-1], cfg.class_nms, top=top_boxes)
             out.append(DetectorOutput(
                 boxes=p / float(scales[i]), features=region[r], cls_probs=probs[r],
                 attr_probs=attr_probs[r] if attr_probs is not None else None,
