@@ -229,9 +229,21 @@ def _finetune_cases():
     return cases
 
 
+def _one_layer(make):
+    """The case with its encoder cut to one layer: the same code paths, a trace half as
+    long (the suite's time)."""
+    def build():
+        model, args, kwargs = make()
+        enc = model.uniter.encoder
+        enc.layer = enc.layer[:1]
+        return model, args, kwargs
+    return build
+
+
 FINETUNE = _finetune_cases()
-MODEL_CASES = dict({f"pretrain-{t}": (lambda t=t: _pretrain_case(t)) for t in PRETRAIN_TASKS},
-                   **FINETUNE)
+MODEL_CASES = {k: _one_layer(v) for k, v in dict(
+    {f"pretrain-{t}": (lambda t=t: _pretrain_case(t)) for t in PRETRAIN_TASKS},
+    **FINETUNE).items()}
 
 
 def _outputs(out):
@@ -295,7 +307,8 @@ def test_compiled_model_equals_eager(case, backend):
     model, args, kwargs = MODEL_CASES[case]()
     tol = ROUNDING.get(case, dict(rtol=0, atol=0))
     with _backend(backend):
-        compiled = compile_model(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+        compiled = compile_model(copy.deepcopy(model), backend="aot_eager", fullgraph=True,
+                                 dynamic=False)     # static shapes: a quicker compilation
         outs, grads = _step(model, args, kwargs)
         outs_c, grads_c = _step(compiled, args, kwargs)
     assert [o.shape for o in outs_c] == [o.shape for o in outs]
@@ -342,7 +355,7 @@ def test_compile_model_keeps_the_checks_and_the_state_dict():
     does nothing."""
     model, (batch, task), _ = _pretrain_case("mrfr")
     keys = list(model.state_dict())
-    compiled = compile_model(model, backend="aot_eager")
+    compiled = compile_model(model, backend="aot_eager", dynamic=False)
     assert compile_model(compiled, backend="aot_eager") is compiled
     assert list(compiled.state_dict()) == keys
     before = compile_counts()["compilations"]
@@ -355,3 +368,47 @@ def test_compile_model_keeps_the_checks_and_the_state_dict():
     with pytest.raises(ValueError, match="unknown task"):
         compiled(batch, "nope")
     assert compile_counts()["compilations"] == before + 1       # one compilation for mrfr
+
+
+def test_batches_of_every_length_compile_once_per_task():
+    """Token-bucket batches change every dimension: with compile_model's symbolic shapes a
+    task compiles once, whatever the lengths (and gives the eager losses on each batch)."""
+    torch.manual_seed(0)
+    cfg = UniterConfig.from_json_file(uniter_fast.config_path("uniter-tiny"))
+    cfg.num_hidden_layers = 1
+    model = UniterForPretraining(cfg, 32, 10).eval()
+    compiled = compile_model(copy.deepcopy(model), backend="aot_eager")
+    torch._dynamo.reset()
+    before = compile_counts()["compilations"]
+    for i, (txt, nbb) in enumerate([(TXT, NBB), ([9, 2, 4], [3, 8, 5]),
+                                    ([3, 11, 6, 5, 7], [7, 2, 9, 4, 6])]):
+        batch = make_batch("itm", cfg.vocab_size, 32, 10, txt, nbb,
+                           gen=torch.Generator().manual_seed(i))
+        got, want = _outputs(compiled(batch, "itm")), _outputs(model(batch, "itm"))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert compile_counts()["compilations"] == before + 1
+
+
+def test_models_built_while_compiling_compile_at_their_first_call():
+    """uniter_fast.model.compile.compiling() (infer --compile): the outermost model built in
+    it compiles at its first call (that call included, its batch checked first), the
+    encoder inside it does not compile on its own, models built outside stay eager."""
+    from uniter_fast.model.compile import compiling, is_compiled
+    torch.manual_seed(0)
+    cfg = UniterConfig.from_json_file(uniter_fast.config_path("uniter-tiny"))
+    cfg.num_hidden_layers = 1
+    with compiling(backend="aot_eager"):
+        model = UniterForPretraining(cfg, 32, 10).eval()
+    eager = copy.deepcopy(model)
+    for m in eager.modules():
+        m.__dict__.pop("forward", None)     # the same weights, never compiled
+    batch = make_batch("mlm", cfg.vocab_size, 32, 10, TXT, NBB,
+                       gen=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="unknown task"):
+        model(batch, "nope")                # checked before anything is compiled
+    before = compile_counts()["compilations"]
+    torch.testing.assert_close(model(batch, "mlm"), eager(batch, "mlm"), rtol=0, atol=0)
+    assert is_compiled(model) and not is_compiled(model.uniter)
+    assert compile_counts()["compilations"] == before + 1
+    assert not is_compiled(UniterForPretraining(cfg, 32, 10))

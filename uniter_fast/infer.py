@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import checkpoint as ckpt_lib
+from .model.compile import compile_counts, compiling, use_compile
 from .tasks import FinetuneTask, task_from_argv, task_names
 from .tasks.inference import inference_config, resolve_checkpoint
 
@@ -67,6 +68,12 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
                    help=task.infer_batch_help if task is not None else "batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model's forward (uniter_fast.compile_model; the "
+                        "first batch runs eagerly); default: uniter_fast.model.compile."
+                        "COMPILE_DEFAULT for the device")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend with --compile")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="load a DeepSpeed checkpoint's files as DeepSpeed does (full "
@@ -86,7 +93,11 @@ def run_inference(task: FinetuneTask, args: argparse.Namespace) -> Dict[str, Any
         source = resolve_checkpoint(args.checkpoint, args.tag)
         cfg = inference_config(args, source, task)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return task.infer(args, cfg, source, device)
+        if not use_compile(getattr(args, "compile", None), device):
+            return task.infer(args, cfg, source, device)
+        with compiling(backend=getattr(args, "compile_backend", "inductor")):
+            summary = task.infer(args, cfg, source, device)
+        return dict(summary, compile=compile_counts())
 
 
 def main(argv=None) -> int:

@@ -15,12 +15,14 @@ that so, and :func:`compile_model` applies them around each compiled call:
 * the Triton attention draws its dropout seed with ``Tensor.item()`` on the CPU
   generator (GPU, training): ``capture_scalar_outputs`` keeps it in the graph.
 
-A forward is compiled per task, train/eval mode and grad mode (and, on CPU, on each side
-of the padded length from which "auto" attention switches to SDPA): ``recompile_limit``
-is raised so that these do not fall back to eager.  Token-bucket batches of varying
-length recompile once per task (the first change of a length marks it dynamic); padding
-the lengths up to a multiple (:func:`round_up`, what ``--compile`` does in the
-collate) keeps the number of distinct shapes small either way.
+Token-bucket batches vary every dimension (examples, text length, regions, joint length,
+masked positions), so every dimension is symbolic from the first compilation
+(``dynamic=True``) and dimensions that happen to be equal do not share a symbol
+(:data:`SHAPE_CONFIG`): a forward compiles once per task, train/eval mode and grad mode
+(and, on CPU, once more on the other side of the padded length from which "auto"
+attention switches to SDPA), whatever the lengths; ``recompile_limit`` is raised so that
+these never fall back to eager.  (Automatic dynamic shapes, ``dynamic=None``, compiled
+each task two to four times over the default run, once per newly varying dimension.)
 
 ``compile_model(model)`` compiles ``model.forward`` in place: the module, its parameters
 and its state-dict keys stay as they are (``torch.compile(model)`` would add an
@@ -29,13 +31,25 @@ model.  Compilation happens on the first call of each kind.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["compile_model", "is_compiled", "DYNAMO_CONFIG", "dynamo_config", "round_up",
-           "compile_counts"]
+__all__ = ["compile_model", "is_compiled", "compiling", "DYNAMO_CONFIG", "dynamo_config",
+           "SHAPE_CONFIG", "compile_counts", "COMPILE_DEFAULT", "use_compile"]
+
+#: whether ``train.py`` / ``finetune.py`` / ``infer`` compile the model when the command
+#: line says neither ``--compile`` nor ``--no-compile``, per device type: on only where
+#: the compiled default run was measured faster than the eager one (README,
+#: "torch.compile"); a device type not listed (a GPU: not measured yet) runs eagerly
+COMPILE_DEFAULT: Dict[str, bool] = {"cpu": False}
+
+
+def use_compile(flag: Optional[bool], device: torch.device) -> bool:
+    """``--compile`` / ``--no-compile`` (True / False), else :data:`COMPILE_DEFAULT`."""
+    return bool(COMPILE_DEFAULT.get(device.type, False) if flag is None else flag)
 
 #: dynamo settings of a compiled UNITER forward (see the module docstring)
 DYNAMO_CONFIG: Dict[str, Any] = {
@@ -45,10 +59,19 @@ DYNAMO_CONFIG: Dict[str, Any] = {
 }
 
 
-def dynamo_config():
-    """A context manager with :data:`DYNAMO_CONFIG` set (e.g. for ``torch._dynamo.explain``
-    or a ``torch.compile`` of your own around a UNITER model)."""
-    return torch._dynamo.config.patch(**DYNAMO_CONFIG)
+#: symbolic-shape settings: no duck shaping (two dimensions that happen to be equal in the
+#: first batch, e.g. the text length and the region-label width, would share one symbol,
+#: and a guard on one would then specialise the other)
+SHAPE_CONFIG: Dict[str, Any] = {"use_duck_shape": False}
+
+
+@contextlib.contextmanager
+def dynamo_config() -> Iterator[None]:
+    """A context manager with :data:`DYNAMO_CONFIG` and :data:`SHAPE_CONFIG` set (e.g. for
+    ``torch._dynamo.explain`` or a ``torch.compile`` of your own around a UNITER model)."""
+    import torch.fx.experimental._config as shape_config
+    with torch._dynamo.config.patch(**DYNAMO_CONFIG), shape_config.patch(**SHAPE_CONFIG):
+        yield
 
 
 def _validate_hook(module: nn.Module, args, kwargs) -> None:
@@ -62,7 +85,7 @@ def is_compiled(model: nn.Module) -> bool:
     return getattr(model, "_uniter_compiled", None) is not None
 
 
-def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: Optional[bool] = None,
+def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: Optional[bool] = True,
                   mode: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
                   fullgraph: bool = False) -> nn.Module:
     """Compile ``model``'s forward in place with ``torch.compile`` (the other arguments are
@@ -89,9 +112,42 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: Optio
     return model
 
 
-def round_up(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (1: unchanged)."""
-    return -(-int(n) // multiple) * multiple if multiple > 1 else int(n)
+#: compile_model's arguments of the active :func:`compiling` contexts (innermost last)
+_COMPILING: List[Dict[str, Any]] = []
+
+
+@contextlib.contextmanager
+def compiling(**kwargs) -> Iterator[None]:
+    """Every UNITER model built inside compiles itself (``compile_model(model, **kwargs)``)
+    at its first call as the outermost model (from that call on); a model built inside
+    another (the encoder of a task model) is compiled as part of it.  For commands whose
+    models are built by the task code (``python -m uniter_fast.infer --compile``)."""
+    _COMPILING.append(dict(kwargs))
+    try:
+        yield
+    finally:
+        _COMPILING.pop()
+
+
+def register_lazy_compile(model: nn.Module) -> None:
+    """Called by every UNITER model's constructor: inside :func:`compiling`, give the model
+    a forward that compiles it at the first call (see there)."""
+    if not _COMPILING:
+        return
+    kwargs = _COMPILING[-1]
+
+    def first_call(*args, **kw):
+        for m in model.modules():      # the submodules are compiled as part of this one
+            if getattr(m.__dict__.get("forward"), "_uniter_lazy", False):
+                del m.__dict__["forward"]
+        if torch.compiler.is_compiling():
+            return model.forward(*args, **kw)
+        compile_model(model, **kwargs)
+        _validate_hook(model, args, kw)      # (the pre-hook runs from the next call on)
+        return model.forward(*args, **kw)
+
+    first_call._uniter_lazy = True
+    model.forward = first_call
 
 
 def compile_counts() -> Dict[str, int]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import UniterConfig, config_path
 from ..constants import BOX_FEATURE_DIM, LAYER_NORM_EPS
+from .compile import register_lazy_compile
 from .layer import BertLayer, BertPooler, LayerNorm
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class UniterPreTrainedModel(nn.Module):
             raise ValueError(f"config of {type(self).__name__} must be a UniterConfig, "
                              f"got {type(config).__name__}")
         self.config = config
+        register_lazy_compile(self)      # inside compile.compiling() only
 
     def validate(self, *args, **kwargs) -> None:
         """Check the inputs of ``forward(*args, **kwargs)`` eagerly, raising ``ValueError``

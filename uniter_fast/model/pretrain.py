@@ -259,7 +259,10 @@ class UniterForPretraining(UniterPreTrainedModel):
         ot_loss = None
         if ot_inputs is not None:
             ot_dist = self._ot_distance(seq, input_ids.size(1), img_feat.size(1), ot_inputs)
-            ot_loss = (ot_dist.masked_select(targets == 1), ot_dist.masked_select(targets == 0))
+            # (index_select: masked_select's values; its backward keeps the batch size symbolic
+            # under torch.compile, masked_select's specialises it)
+            ot_loss = (ot_dist.index_select(0, masked_index(targets == 1)),
+                       ot_dist.index_select(0, masked_index(targets == 0)))
         if compute_loss:
             return F.cross_entropy(itm_scores.float(), targets, reduction="none"), ot_loss
         return itm_scores, ot_loss
@@ -269,7 +272,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         scatter_max = ot_inputs["scatter_max"]
         scatter_max = int(scatter_max.max()) if torch.is_tensor(scatter_max) else int(scatter_max)
         b, _, h = seq.shape
-        max_l = max(scatter_max + 1, tl + il)
+        max_l = torch.sym_max(scatter_max + 1, tl + il)   # (under compile: no guard on which)
         index = ot_inputs["ot_scatter"].long().unsqueeze(-1).expand_as(seq)
         ctx = seq.new_zeros(b, max_l, h).scatter(1, index, seq)
         return ops.optimal_transport_dist(ctx[:, :tl].float(), ctx[:, tl:tl + il].float(),

@@ -393,6 +393,11 @@ def load(op: str, name: str) -> Callable:
     """The implementation of backend ``name`` of ``op`` (its loader runs once).  Custom
     ops call this when they run, so a backend's import or build never happens in a
     traced region."""
+    if torch.compiler.is_compiling():
+        # traced: the loader itself (plain-PyTorch backends; a kernel backend is loaded by
+        # its custom op when that runs), never a write to the cache (a cache filled inside
+        # the trace would invalidate the graph at the next call)
+        return _backend(op, name).impl()
     fn = _impls.get((op, name))
     if fn is None:
         fn = _impls[(op, name)] = _backend(op, name).impl()

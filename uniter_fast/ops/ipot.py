@@ -90,7 +90,7 @@ def as_pad(pad, name: str, shape, device) -> torch.Tensor:
 def check_params(beta, iteration, k):
     """(beta, iteration, k) as (float, int, int); ValueError naming a bad one."""
     beta = float(beta)
-    if not (beta > 0 and math.isfinite(beta)):
+    if not 0 < beta < math.inf:      # (not math.isfinite: traceable when beta is symbolic)
         raise ValueError(f"beta must be finite and > 0, got {beta}")
     if int(iteration) < 1 or int(k) < 1:
         raise ValueError(f"iteration and k must be >= 1, got iteration={iteration}, k={k}")

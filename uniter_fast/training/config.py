@@ -136,6 +136,14 @@ def build_arg_parser(description: str = "", default_config: Optional[str] = None
                    help="unknown keys in the training config or ds.json are an error, not a "
                         "warning")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model's forward (uniter_fast.compile_model: "
+                        "inductor, batch checks before the compiled region); default: on "
+                        "where it was measured faster (COMPILE_DEFAULT: neither this CPU's "
+                        "default run nor a GPU so far), off elsewhere")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend with --compile (inductor; aot_eager traces "
+                        "the same graphs without code generation)")
     p.add_argument("--debug_rank_files", action="store_true",
                    help="every rank writes metrics_rank{r}.jsonl (with a fingerprint of its "
                         "batches) and its final weights final_weights_rank{r}.pt")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt_lib
 from ..data import move_to_device
 from ..data.sampler import config_seed
+from ..model.compile import compile_counts, compile_model, use_compile
 from .config import (
     PRECISIONS,
     apply_precision,
@@ -125,6 +126,10 @@ class Trainer:
         # model + engine
         torch.manual_seed(self.seed)     # same initial weights on every rank
         model = task.build_model(cfg, self.meta)
+        self.compiled = use_compile(getattr(args, "compile", None), self.device)
+        if self.compiled:
+            # the forward compiled in place before DeepSpeed wraps the model: keys unchanged
+            compile_model(model, backend=getattr(args, "compile_backend", "inductor"))
         groups = task.param_groups(model, cfg, self.ds_config)
         self.group_names = ckpt_lib.param_group_names(model, groups)
         self.engine = create_engine(model, groups, self.ds_config)
@@ -272,7 +277,7 @@ class Trainer:
         log({"event": "start", "step": self.global_step, "task": task.name,
              "world_size": self.world_size, "zero_stage": self.zero_stage,
              "dtype": str(next(engine.module.parameters()).dtype),
-             "device": str(self.device), "resumed": self.resumed,
+             "device": str(self.device), "resumed": self.resumed, "compile": self.compiled,
              **({"resumed_from": self.resume_tag, "dropped_records": self.dropped_records}
                 if self.resume_tag is not None else {})})
         self.saved_step = self.global_step if self.resume_tag is not None else None
@@ -369,6 +374,7 @@ class Trainer:
         wall = time.time() - t_start
         summary = {"event": "end", "step": self.global_step, "task": task.name,
                    "train_wall_s": wall,
+                   **({"compile": compile_counts()} if self.compiled else {}),
                    "skipped_steps": int(engine.skipped_steps) if self.fp16 else 0,
                    "running": {n: m.val for n, m in running.items()}, "validation": last_val}
         self.ctx.step = self.global_step
