@@ -69,7 +69,7 @@ def _check_smoke_run(tmp_path, device):
     res = doc["results"]
     assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance",
                                       "optimal_transport_dist", "layer_norm", "gelu", "model",
-                                      "itr_eval", "extract"}
+                                      "itr_eval", "extract", "step"}
     ext = [r for r in res if r["op"] == "extract"]
     assert all(r["speedup"]["port"] > 0 and set(r["stage_share"]) == {
         "decode", "backbone", "rpn", "res5_head", "selection", "write"} for r in ext)
@@ -96,6 +96,16 @@ def _check_smoke_run(tmp_path, device):
                 r["baselines"]["original"]["median_s"] / r["median_s"])
     assert {r["shape"]["task"] for r in res if r["op"] == "model"} == \
         {"mlm", "mrfr", "mrc-kl", "itm", "mixed"}
+    # the whole training step: every task, the mix and VQA; the eager columns (the smoke run
+    # leaves out the compiled ones), FLOP/s against the GEMM rate of the same run
+    steps = [r for r in res if r["op"] == "step"]
+    assert {r["shape"]["task"] for r in steps} == {"mlm", "mrfr", "mrc-kl", "itm", "mixed", "vqa"}
+    for r in steps:
+        assert set(r["columns"]) == {"reference", "fast"} and r["backend"] == "fast"
+        assert r["gemm_fp32_flops_per_s"] > 0 and r["flops"] > 0
+        for c in r["columns"].values():
+            assert c["tokens_per_s"] == pytest.approx(r["tokens"] / c["median_s"], rel=0.01)
+            assert c["fraction_of_gemm_rate"] > 0 and c["peak_mem_bytes"] > 0
     for r in res:
         assert r["device"] == device
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
@@ -115,7 +125,7 @@ def _check_smoke_run(tmp_path, device):
         if r["op"] == "itr_eval":   # full-ranking retrieval: pairs/s against the original loop
             assert set(r["speedup"]) == {"reference", "loop+auto"}
             assert r["pairs_per_s"] == pytest.approx(r["pairs"] / r["median_s"])
-        if r["op"] in ("model", "itr_eval"):
+        if r["op"] in ("model", "itr_eval", "step"):
             assert r["tokens"] > 0
             assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
             assert (r.get("peak_mem_bytes", 0) > 0) == (device == "cuda")
