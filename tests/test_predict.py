@@ -7,6 +7,7 @@ resized to 64..100 pixels) and the tiny UNITER with random weights keep it fast.
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 
@@ -363,6 +364,41 @@ def test_command_line_one_request_and_a_requests_file(world, tmp_path, capsys):
     assert all(os.path.exists(g["picture"]) for g in got if "picture" in g)
     assert predict_main(argv + ["--keep_going"]) == 2          # the output exists
     assert "already exist" in capsys.readouterr().err
+
+
+def test_compile_gives_the_eager_answers(world, tmp_path, capsys):
+    """``--compile`` (as infer's): the task model compiles at its first batch and answers as
+    the eager model; the summary line carries dynamo's counts (cleared before the compiled
+    run: an ignored --compile would count 0 compilations)."""
+    req_dir = tmp_path / "reqs"
+    req_dir.mkdir()
+    lines = [{"id": f"q{k}", "image": world["images"][1 + k % len(IMAGES)], "question": q}
+             for k, q in enumerate(QUESTIONS)]
+    path = req_dir / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got, summary = {}, {}
+    for name, extra in (("eager", ["--no-compile"]),
+                        ("compiled", ["--compile", "--compile_backend", "aot_eager"])):
+        torch._dynamo.utils.counters.clear()
+        out = str(tmp_path / f"{name}.jsonl")
+        assert predict_main(_cli(world, "vqa", "--requests", str(path), "--output", out,
+                                 "--batch_size", "3", *extra)) == 0
+        summary[name] = capsys.readouterr().err.strip().splitlines()[-1]
+        with open(out) as f:
+            got[name] = {r["id"]: r for r in map(json.loads, f)}
+    assert "compile" not in summary["eager"]
+    found = re.search(r"; compile (\{.*\})$", summary["compiled"])
+    assert found, summary["compiled"]
+    counts = json.loads(found.group(1))
+    assert counts["compilations"] >= 1 and counts["graph_breaks"] == 0, counts
+    assert sorted(got["compiled"]) == sorted(got["eager"]) == [f"q{k}" for k in range(5)]
+    for rid, want in got["eager"].items():
+        have = got["compiled"][rid]
+        assert have["answer"] == want["answer"]
+        assert [t["answer"] for t in have["top"]] == [t["answer"] for t in want["top"]]
+        assert have["score"] == pytest.approx(want["score"], rel=1e-4)
+        assert [t["logit"] for t in have["top"]] == pytest.approx(
+            [t["logit"] for t in want["top"]], rel=1e-4, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -25,6 +25,7 @@ method of its task class (``predict_requests``, ``predict_alignment``, ``predict
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +46,7 @@ from ..detector.extractor import aspect_batches
 from ..detector.image import ImageError
 from ..detector.weights import WeightsError, find_weights_file
 from ..extract import ExtractError, check_box_rule, detector_config, make_extractor
+from ..model.compile import compile_counts, compiling, use_compile
 from ..prepro import BertTokenizer, PreproError
 from ..tasks import TASKS, FinetuneTask, get_task
 from ..tasks.inference import amp_dtype, inference_config, resolve_checkpoint
@@ -548,7 +550,10 @@ class Predictor:
     was trained on dbs extracted with it; ``preset``/``min_size``/``max_size`` the detector's
     image sizes; ``precision`` (fp32, bf16, fp16) the detector's convolutions and the model's
     autocast; ``options``: the task's predict options (VQA ``ans2label``, NLVR2 ``model``,
-    ``use_img_type``)."""
+    ``use_img_type``); ``compile`` (True / False; None: :data:`uniter_fast.model.compile.
+    COMPILE_DEFAULT` for the device) builds the task model under
+    :func:`uniter_fast.model.compile.compiling`, so that it compiles at its first batch
+    with the ``torch.compile`` backend ``compile_backend``, as ``infer --compile``."""
 
     def __init__(self, task: Union[str, FinetuneTask], checkpoint: str, detector: str, *,
                  vocab: Optional[str] = None, tokenizer_dir: Optional[str] = None,
@@ -562,7 +567,8 @@ class Predictor:
                  cache_dir: Optional[str] = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  detector_batch_size: int = 2, top_k: int = DEFAULT_TOP_K,
                  options: Optional[Dict[str, Any]] = None, labels: Optional[str] = None,
-                 trust_checkpoint: bool = False):
+                 trust_checkpoint: bool = False, compile: Optional[bool] = None,
+                 compile_backend: str = "inductor"):
         self.task = get_task(task) if isinstance(task, str) else task
         if not self.task.predict_fields:
             raise PredictError(f"task {self.task.name} has no predict")
@@ -574,6 +580,9 @@ class Predictor:
             raise PredictError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = precision
+        #: whether the task model compiles (``compile``, else the device's default)
+        self.compiled = use_compile(compile, self.device)
+        self.compile_backend = compile_backend
         self.labels = load_labels(labels)
         self.tokenizer = self._tokenizer(vocab, tokenizer_dir, tokenizer)
         self.args = _task_args(self.task, options)
@@ -631,7 +640,9 @@ class Predictor:
             except ValueError as e:
                 raise PredictError(f"--checkpoint {checkpoint}: {e}") from None
             try:
-                model = task.predict_model(self.args, cfg, source)
+                with (compiling(backend=self.compile_backend) if self.compiled
+                      else contextlib.nullcontext()):
+                    model = task.predict_model(self.args, cfg, source)
             except PredictError:
                 raise
             except (ValueError, KeyError, RuntimeError) as e:
@@ -645,6 +656,11 @@ class Predictor:
                                    f"{task.name} model: {e}{hint}") from None
         self.source = source
         return model.to(self.device).eval(), cfg
+
+    def compile_counts(self) -> Optional[Dict[str, int]]:
+        """Dynamo's counts so far when the model compiles (compilations, graphs,
+        graph breaks: :func:`uniter_fast.model.compile.compile_counts`), else None."""
+        return compile_counts() if self.compiled else None
 
     def box_rule(self) -> Dict[str, Any]:
         """The detector's box rule: the run's config with the given overrides."""

@@ -18,8 +18,8 @@ One request from the command line (``--image`` and the task's fields: ``--task T
 lists them) prints its answer as one JSON object; ``--requests FILE`` (JSON lines, one
 request each: ``{"image": PATH}`` or ``{"images": [PATHS]}``, the task's fields, an optional
 ``id``; image paths relative to the file's folder) writes one JSON line per request to
-``--output`` (default: standard output).  ``--checkpoint`` and ``--config`` as ``python -m
-uniter_fast.infer``'s (the run's training config supplies the model config, the box rule,
+``--output`` (default: standard output).  ``--checkpoint``, ``--config`` and ``--compile`` as
+``python -m uniter_fast.infer``'s (the run's training config supplies the model config, the box rule,
 the task's settings); ``--detector``, ``--preset``, the box rule and ``--precision`` as
 ``python -m uniter_fast.extract``'s (the box rule defaults to the run's); ``--vocab`` /
 ``--tokenizer`` as ``python -m uniter_fast.prepro``'s.  ``--cache_dir`` keeps each image's
@@ -72,6 +72,12 @@ def parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser:
     m.add_argument("--trust_checkpoint", action="store_true",
                    help="load a DeepSpeed checkpoint's files without the safe check "
                         "(docs/reliability.md)")
+    m.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the task model's forward (uniter_fast.compile_model, "
+                        "at its first batch); default: uniter_fast.model.compile."
+                        "COMPILE_DEFAULT for the device")
+    m.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend with --compile")
     d = p.add_argument_group("detector (as python -m uniter_fast.extract)")
     d.add_argument("--detector", required=True,
                    help="detector weights: faster_rcnn_from_caffe_attr.pkl or the Hugging Face "
@@ -147,7 +153,8 @@ def _predictor(task: FinetuneTask, args: argparse.Namespace) -> Predictor:
                      cache_dir=args.cache_dir, batch_size=args.batch_size,
                      detector_batch_size=args.detector_batch_size, top_k=args.top_k,
                      options=options, labels=args.labels,
-                     trust_checkpoint=args.trust_checkpoint)
+                     trust_checkpoint=args.trust_checkpoint, compile=args.compile,
+                     compile_backend=args.compile_backend)
 
 
 def _task_options(task: FinetuneTask) -> List[str]:
@@ -225,6 +232,8 @@ def _run(task: FinetuneTask, args: argparse.Namespace, stdout) -> int:
         if not args.alignment:
             out.pop("alignment", None)
         _emit([out], args.output or stdout)
+        if pred.compiled:
+            print(f"{task.name} predict: {_compiled(pred)}", file=sys.stderr)
         return 0
 
     base = os.path.dirname(os.path.abspath(args.requests))
@@ -260,8 +269,16 @@ def _run(task: FinetuneTask, args: argparse.Namespace, stdout) -> int:
     stats = (f"{task.name} predict: {number} requests, {failed} failed; detector ran on "
              f"{pred.detector_images} images (cache hits: {pred.cache.hits['memory']} in "
              f"memory, {pred.cache.hits['disk']} on disk)")
+    if pred.compiled:
+        stats += f"; {_compiled(pred)}"
     print(stats, file=sys.stderr)
     return 1 if failed else 0
+
+
+def _compiled(pred: Predictor) -> str:
+    """What the summary says of a compiled model: ``compile {counts}`` (JSON, as infer's
+    summary's ``compile``)."""
+    return f"compile {json.dumps(pred.compile_counts())}"
 
 
 def _answer_chunk(pred: Predictor, chunk, base: str, args, sink,
