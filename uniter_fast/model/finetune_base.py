@@ -5,12 +5,12 @@ directly); this base adds no parameters or submodules, so state dicts are
 unchanged.  Subclasses build ``self.uniter`` (a :class:`UniterModel`) first, then
 their heads, then ``self.apply(self.init_weights)``, as the original does.
 """
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch
+from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch, first_rows
 
 __all__ = ["UniterFinetuneModel", "init_type_embedding", "check_class_targets",
            "check_soft_targets"]
@@ -30,6 +30,8 @@ class UniterFinetuneModel(UniterPreTrainedModel):
     validate_inputs = True
     #: whether the encoder call passes ``batch["img_type_ids"]`` (NLVR2) or not (VQA/VE)
     uses_img_type_ids = False
+    #: whether it passes ``batch["txt_type_ids"]`` (VCR) or not
+    uses_txt_type_ids = False
 
     uniter: UniterModel
 
@@ -54,17 +56,34 @@ class UniterFinetuneModel(UniterPreTrainedModel):
     def _check_targets(self, batch: Dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _encode(self, batch: Dict[str, Any], compute_loss: bool) -> torch.Tensor:
-        """Validate (if enabled) and run the encoder; returns the last layer [B, T, H]."""
+    def _checked(self, batch: Dict[str, Any], compute_loss: bool) -> None:
+        """The batch checks (if enabled; not under torch.compile, see :meth:`validate`)."""
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
         if self.validate_inputs and not torch.compiler.is_compiling():
             self.check_batch(batch, compute_loss)
+
+    def _run_encoder(self, batch: Dict[str, Any],
+                     output_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.uniter(batch["input_ids"], batch["position_ids"], batch["img_feat"],
                            batch["img_pos_feat"], batch["attn_masks"], batch["gather_index"],
                            output_all_encoded_layers=False,
                            img_type_ids=batch.get("img_type_ids") if self.uses_img_type_ids
-                           else None)
+                           else None,
+                           txt_type_ids=batch.get("txt_type_ids") if self.uses_txt_type_ids
+                           else None, output_rows=output_rows)
+
+    def _encode(self, batch: Dict[str, Any], compute_loss: bool) -> torch.Tensor:
+        """Validate (if enabled) and run the encoder; returns the last layer [B, T, H]."""
+        self._checked(batch, compute_loss)
+        return self._run_encoder(batch)
+
+    def _pooled(self, batch: Dict[str, Any], compute_loss: bool) -> torch.Tensor:
+        """Validate (if enabled) and encode: the pooled [CLS] output [B, H].  The encoder's
+        last layer computes only the [CLS] rows (``UniterEncoder.prune_last_layer``)."""
+        self._checked(batch, compute_loss)
+        cls = self._run_encoder(batch, first_rows(batch["attn_masks"]))
+        return self.uniter.pooler(cls.unsqueeze(1))
 
 
 def check_class_targets(name: str, targets: torch.Tensor, n: int, n_classes: int) -> None:

@@ -107,7 +107,7 @@ class UniterForImageTextRetrieval(UniterFinetuneModel):
                                  f"dividing the batch's {b} rows, got {k!r}")
 
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
-        rank_scores = self.rank_output(self.uniter.pooler(self._encode(batch, compute_loss)))
+        rank_scores = self.rank_output(self._pooled(batch, compute_loss))
         if not compute_loss:
             return rank_scores
         scores = torch.sigmoid(rank_scores.float()).view(-1, batch["sample_size"])

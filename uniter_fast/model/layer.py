@@ -83,14 +83,25 @@ class BertSelfOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
+def select_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``hidden`` [..., H] flattened to rows, the rows ``rows`` (flat indices): [n, H].
+    A gather, so the same values and gradients as boolean-mask indexing."""
+    return hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)
+
+
 class BertAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, input_tensor, attention_mask):
-        return self.output(self.self(input_tensor, attention_mask), input_tensor)
+    def forward(self, input_tensor, attention_mask, rows=None):
+        """``rows`` (flat indices into [batch * seq]): every position is attended to,
+        but only those rows go on through the output projection: returns [n, H]."""
+        ctx = self.self(input_tensor, attention_mask)
+        if rows is not None:
+            ctx, input_tensor = select_rows(ctx, rows), select_rows(input_tensor, rows)
+        return self.output(ctx, input_tensor)
 
 
 class BertIntermediate(nn.Module):
@@ -121,8 +132,10 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_mask):
-        attention_output = self.attention(hidden_states, attention_mask)
+    def forward(self, hidden_states, attention_mask, rows=None):
+        """[B, S, H] -> [B, S, H]; with ``rows`` (flat indices into [B * S]) only those
+        rows after the attention: [n, H] (see :class:`BertAttention`)."""
+        attention_output = self.attention(hidden_states, attention_mask, rows)
         return self.output(self.intermediate(attention_output), attention_output)
 
 

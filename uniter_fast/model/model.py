@@ -11,7 +11,7 @@ from torch import nn
 from ..config import UniterConfig, config_path
 from ..constants import BOX_FEATURE_DIM, LAYER_NORM_EPS
 from .compile import register_lazy_compile
-from .layer import BertLayer, BertPooler, LayerNorm
+from .layer import BertLayer, BertPooler, LayerNorm, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -336,22 +336,46 @@ class UniterImageEmbeddings(nn.Module):
 
 
 class UniterEncoder(nn.Module):
+    #: With ``output_rows``, the last layer computes only those rows after its attention
+    #: (keys and values still come from every position): the same rows as running the
+    #: whole layer and selecting them, with the output projection and the feed-forward
+    #: block on n rows instead of B * S.  False: the whole last layer, then the selection
+    #: (UNITER's computation; the benchmarks' reference columns).
+    prune_last_layer = True
+
     def __init__(self, config):
         super().__init__()
         layer = BertLayer(config)
         self.layer = nn.ModuleList([copy.deepcopy(layer) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, input_, attention_mask, output_all_encoded_layers=True):
-        """attention_mask: [batch, seq], 1 = real token."""
+    def forward(self, input_, attention_mask, output_all_encoded_layers=True, output_rows=None):
+        """attention_mask: [batch, seq], 1 = real token.  ``output_rows`` (flat indices into
+        [batch * seq], only with ``output_all_encoded_layers=False``): return the last
+        layer's rows [n, H] instead of the whole [batch, seq, H]."""
+        if output_rows is not None and output_all_encoded_layers:
+            raise ValueError("output_rows selects rows of the last layer only: pass "
+                             "output_all_encoded_layers=False with it")
+        prune = output_rows is not None and self.prune_last_layer and len(self.layer) > 0
         all_layers = []
         hidden = input_
-        for layer_module in self.layer:
-            hidden = layer_module(hidden, attention_mask)
+        last = len(self.layer) - 1
+        for i, layer_module in enumerate(self.layer):
+            hidden = layer_module(hidden, attention_mask, output_rows if prune and i == last
+                                  else None)
             if output_all_encoded_layers:
                 all_layers.append(hidden)
+        if output_rows is not None and not prune:
+            hidden = select_rows(hidden, output_rows)
         if not output_all_encoded_layers:
             all_layers.append(hidden)
         return all_layers
+
+
+def first_rows(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The flat row of each example's first position ([CLS], what the pooler reads) in
+    [batch * seq]: ``output_rows`` for the pooled heads."""
+    b, s = attention_mask.shape[:2]
+    return torch.arange(b, device=attention_mask.device) * s
 
 
 class UniterModel(UniterPreTrainedModel):
@@ -389,8 +413,11 @@ class UniterModel(UniterPreTrainedModel):
 
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                 gather_index=None, img_masks=None, output_all_encoded_layers=True,
-                txt_type_ids=None, img_type_ids=None):
-        """Encode; ``attention_mask`` is UNITER's ``attn_masks`` [batch, seq] (1 = real)."""
+                txt_type_ids=None, img_type_ids=None, output_rows=None):
+        """Encode; ``attention_mask`` is UNITER's ``attn_masks`` [batch, seq] (1 = real).
+        ``output_rows`` (flat indices into [batch * seq], with
+        ``output_all_encoded_layers=False``): the last layer's rows [n, H] only, the rows
+        the heads read (:attr:`UniterEncoder.prune_last_layer`)."""
         img_feat = _to_param_dtype(img_feat, self)
         img_pos_feat = _to_param_dtype(img_pos_feat, self)
         if input_ids is None:
@@ -401,7 +428,7 @@ class UniterModel(UniterPreTrainedModel):
             emb = self._compute_img_txt_embeddings(input_ids, position_ids, img_feat, img_pos_feat,
                                                    gather_index, img_masks, txt_type_ids,
                                                    img_type_ids)
-        layers = self.encoder(emb, attention_mask, output_all_encoded_layers)
+        layers = self.encoder(emb, attention_mask, output_all_encoded_layers, output_rows)
         return layers if output_all_encoded_layers else layers[-1]
 
 

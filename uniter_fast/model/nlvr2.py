@@ -82,7 +82,7 @@ class UniterForNlvr2Paired(_Nlvr2Base):
         self.apply(self.init_weights)
 
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
-        pooled = self.uniter.pooler(self._encode(batch, compute_loss))
+        pooled = self._pooled(batch, compute_loss)
         n_pair = pooled.size(0) // 2
         answer_scores = self.nlvr2_output(pooled.contiguous().view(n_pair, -1))
         return self._output(answer_scores, batch, compute_loss)
@@ -98,7 +98,7 @@ class UniterForNlvr2Triplet(_Nlvr2Base):
         self.apply(self.init_weights)
 
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
-        answer_scores = self.nlvr2_output(self.uniter.pooler(self._encode(batch, compute_loss)))
+        answer_scores = self.nlvr2_output(self._pooled(batch, compute_loss))
         return self._output(answer_scores, batch, compute_loss)
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from .. import ops
 from ..constants import LAYER_NORM_EPS
-from .layer import GELU, BertOnlyMLMHead, LayerNorm
-from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch
+from .layer import GELU, BertOnlyMLMHead, LayerNorm, select_rows
+from .model import UniterModel, UniterPreTrainedModel, check_encoder_batch, first_rows
 
 TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
 
@@ -64,12 +64,6 @@ def masked_index(mask: torch.Tensor) -> torch.Tensor:
     ``hidden[mask]`` selects, as one index that every tensor of the batch shares (under
     torch.compile one data-dependent size for all of them)."""
     return mask.reshape(-1).nonzero().squeeze(1)
-
-
-def _select_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``hidden`` [..., H] flattened to rows, the rows ``index`` (a gather: the same values
-    and gradients as boolean-mask indexing)."""
-    return hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
 
 
 def check_rows(pred: torch.Tensor, targets: torch.Tensor, message) -> None:
@@ -220,30 +214,32 @@ class UniterForPretraining(UniterPreTrainedModel):
     @staticmethod
     def _compute_masked_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Rows of ``hidden`` where ``mask`` is set (bool or uint8)."""
-        return _select_rows(hidden, masked_index(mask))
+        return select_rows(hidden, masked_index(mask))
 
     def forward_mlm(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                     gather_index, txt_labels, compute_loss=True):
-        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
-                          gather_index, output_all_encoded_layers=False)
-        return self._mlm_output(seq, txt_labels, compute_loss)
-
-    def _mlm_output(self, seq, txt_labels, compute_loss):
-        """MLM scores (or per-token losses) of the masked text positions of ``seq``
-        [B, joint, H]: one index shared by the hidden rows and the labels."""
+        # the heads read only the masked positions: the encoder's last layer computes
+        # only those rows (UniterEncoder.prune_last_layer)
         masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
-        index = masked[:, 0] * seq.size(1) + masked[:, 1]       # rows of seq, text first
-        scores = self.cls(_select_rows(seq, index))
+        rows = masked[:, 0] * attention_mask.size(1) + masked[:, 1]   # text first in the joint
+        hidden = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                             gather_index, output_all_encoded_layers=False, output_rows=rows)
+        return self._mlm_output(hidden, txt_labels[masked[:, 0], masked[:, 1]], compute_loss)
+
+    def _mlm_output(self, hidden, labels, compute_loss):
+        """MLM scores (or per-token losses) of the masked text rows ``hidden`` [n, H]
+        against their ``labels`` [n]."""
+        scores = self.cls(hidden)
         if compute_loss:
-            return F.cross_entropy(scores.float(), txt_labels[masked[:, 0], masked[:, 1]],
-                                   reduction="none")
+            return F.cross_entropy(scores.float(), labels, reduction="none")
         return scores
 
     def forward_mrfr(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                      gather_index, img_masks, img_mask_tgt, feat_targets, compute_loss=True):
-        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
-                          gather_index, output_all_encoded_layers=False, img_masks=img_masks)
-        pred = self.feat_regress(self._compute_masked_hidden(seq, img_mask_tgt))
+        hidden = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                             gather_index, output_all_encoded_layers=False, img_masks=img_masks,
+                             output_rows=masked_index(img_mask_tgt))
+        pred = self.feat_regress(hidden)
         if compute_loss:
             check_rows(pred, feat_targets, lambda: (
                 f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
@@ -253,8 +249,14 @@ class UniterForPretraining(UniterPreTrainedModel):
 
     def forward_itm(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                     gather_index, targets, ot_inputs, compute_loss=True):
-        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
-                          gather_index, output_all_encoded_layers=False)
+        if ot_inputs is None:   # only [CLS] is read: the last layer computes only those rows
+            cls = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                              gather_index, output_all_encoded_layers=False,
+                              output_rows=first_rows(attention_mask))
+            seq = cls.unsqueeze(1)
+        else:                   # WRA reads every position
+            seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                              gather_index, output_all_encoded_layers=False)
         itm_scores = self.itm_output(self.uniter.pooler(seq))
         ot_loss = None
         if ot_inputs is not None:
@@ -280,9 +282,10 @@ class UniterForPretraining(UniterPreTrainedModel):
 
     def forward_mrc(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                     gather_index, img_masks, img_mask_tgt, label_targets, task, compute_loss=True):
-        seq = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
-                          gather_index, output_all_encoded_layers=False, img_masks=img_masks)
-        pred = self.region_classifier(self._compute_masked_hidden(seq, img_mask_tgt))
+        hidden = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                             gather_index, output_all_encoded_layers=False, img_masks=img_masks,
+                             output_rows=masked_index(img_mask_tgt))
+        pred = self.region_classifier(hidden)
         if not compute_loss:
             return pred
         check_rows(pred, label_targets, lambda: (

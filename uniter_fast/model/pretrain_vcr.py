@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layer import BertOnlyMLMHead
-from .pretrain import UniterForPretraining, check_rows
+from .pretrain import UniterForPretraining, check_rows, masked_index
 from .vcr import VCR_TYPE_ROWS, grow_type_embedding, grow_word_embedding
 
 __all__ = ["UniterForPretrainingForVCR", "VCR_PRETRAIN_TASKS"]
@@ -70,23 +70,26 @@ class UniterForPretrainingForVCR(UniterForPretraining):
                                 batch["label_targets"], task, compute_loss)
 
     def _encode(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
-                attention_mask, gather_index, img_masks=None) -> torch.Tensor:
+                attention_mask, gather_index, img_masks=None, output_rows=None) -> torch.Tensor:
+        """The last layer's rows ``output_rows`` [n, H] (the ones the head reads)."""
         return self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                            gather_index, output_all_encoded_layers=False, img_masks=img_masks,
-                           txt_type_ids=txt_type_ids)
+                           txt_type_ids=txt_type_ids, output_rows=output_rows)
 
     def forward_mlm(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                     attention_mask, gather_index, txt_labels, compute_loss=True):
-        seq = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
-                           attention_mask, gather_index)
-        return self._mlm_output(seq, txt_labels, compute_loss)
+        masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
+        rows = masked[:, 0] * attention_mask.size(1) + masked[:, 1]   # text first in the joint
+        hidden = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
+                              attention_mask, gather_index, output_rows=rows)
+        return self._mlm_output(hidden, txt_labels[masked[:, 0], masked[:, 1]], compute_loss)
 
     def forward_mrfr(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                      attention_mask, gather_index, img_masks, img_mask_tgt, feat_targets,
                      compute_loss=True):
-        seq = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
-                           attention_mask, gather_index, img_masks)
-        pred = self.feat_regress(self._compute_masked_hidden(seq, img_mask_tgt))
+        pred = self.feat_regress(self._encode(input_ids, position_ids, txt_type_ids, img_feat,
+                                        img_pos_feat, attention_mask, gather_index, img_masks,
+                                        output_rows=masked_index(img_mask_tgt)))
         if compute_loss:
             check_rows(pred, feat_targets, lambda: (
                 f"feat_targets shape {tuple(feat_targets.shape)} does not match the "
@@ -97,9 +100,9 @@ class UniterForPretrainingForVCR(UniterForPretraining):
     def forward_mrc(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                     attention_mask, gather_index, img_masks, img_mask_tgt, label_targets,
                     task, compute_loss=True):
-        seq = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
-                           attention_mask, gather_index, img_masks)
-        pred = self.region_classifier(self._compute_masked_hidden(seq, img_mask_tgt))
+        pred = self.region_classifier(self._encode(input_ids, position_ids, txt_type_ids, img_feat,
+                                        img_pos_feat, attention_mask, gather_index, img_masks,
+                                        output_rows=masked_index(img_mask_tgt)))
         if not compute_loss:
             return pred
         check_rows(pred, label_targets, lambda: (

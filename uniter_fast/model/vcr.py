@@ -82,6 +82,7 @@ class UniterForVisualCommonsenseReasoning(UniterFinetuneModel):
     """Fine-tune UNITER for VCR (binary scoring of each question-choice pair)."""
 
     reduce_loss = staticmethod(vcr_train_loss)
+    uses_txt_type_ids = True
 
     def __init__(self, config, img_dim: int):
         super().__init__(config)
@@ -110,14 +111,7 @@ class UniterForVisualCommonsenseReasoning(UniterFinetuneModel):
                 raise ValueError(f"{name}: targets must be 0 or 1 (1 = the right choice)")
 
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
-        if not isinstance(batch, dict):
-            raise ValueError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-        if self.validate_inputs and not torch.compiler.is_compiling():
-            self.check_batch(batch, compute_loss)
-        seq = self.uniter(batch["input_ids"], batch["position_ids"], batch["img_feat"],
-                          batch["img_pos_feat"], batch["attn_masks"], batch["gather_index"],
-                          output_all_encoded_layers=False, txt_type_ids=batch.get("txt_type_ids"))
-        rank_scores = self.vcr_output(self.uniter.pooler(seq))
+        rank_scores = self.vcr_output(self._pooled(batch, compute_loss))
         if compute_loss:
             return F.cross_entropy(rank_scores.float(), batch["targets"].reshape(-1),
                                    reduction="mean")

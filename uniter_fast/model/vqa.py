@@ -52,8 +52,7 @@ class UniterForVisualQuestionAnswering(UniterFinetuneModel):
                            (batch["input_ids"].size(0), self.num_answer))
 
     def forward(self, batch: Dict[str, Any], compute_loss: bool = True) -> torch.Tensor:
-        seq = self._encode(batch, compute_loss)
-        answer_scores = self.vqa_output(self.uniter.pooler(seq))
+        answer_scores = self.vqa_output(self._pooled(batch, compute_loss))
         if compute_loss:
             return F.binary_cross_entropy_with_logits(
                 answer_scores.float(), batch["targets"].float(), reduction="none")
