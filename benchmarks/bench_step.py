@@ -1,11 +1,14 @@
 """Whole training step (forward + backward, gradients zeroed, no optimizer step) at
 UNITER-base shape, four columns measured in the same run on the same batches:
 
-* ``reference``: every op on its reference twin (``ops.use_backend("reference")``), eager
-  PyTorch: UNITER's own code;
+* ``reference``: UNITER's own computation, eager PyTorch: every op on its reference twin
+  (``ops.use_backend("reference")``) and every row of the last layer computed before the
+  heads select theirs (``UniterEncoder.prune_last_layer = False``);
 * ``reference+compile``: the same under ``torch.compile`` (``uniter_fast.compile_model``,
   inductor): what the original gets from one line of torch.compile;
-* ``fast``: the default ops ("auto"), eager;
+* ``fast``: the default ops ("auto") and the last layer on the rows the heads read only
+  (MLM: the masked words, MRM: the masked regions, VQA: [CLS]; ITM + WRA reads them all),
+  eager;
 * ``fast+compile``: the default ops under ``torch.compile`` (what ``--compile`` runs).
 
 Cases: each pretraining task (mlm, mrfr, mrc-kl, itm + WRA), UNITER's 2:2:1:1 mix
@@ -18,10 +21,14 @@ on the same batch in a round.
 
 Per column: median step time, tokens/s (real tokens of the batches / median), peak memory
 (CUDA: allocated; CPU: the process's RSS during one step), graph breaks of the forward
-(``torch._dynamo.explain``), and achieved FLOP/s: the FLOPs of the step as executed on the
-padded batch (``torch.utils.flop_counter`` on the reference step: matmuls, attention,
-forward and backward) over the median time, against an fp32 GEMM rate measured in the same
-run (the best of a few 2048³ products): on a CPU the physical limit of a GEMM-bound step.
+(``torch._dynamo.explain``), and achieved FLOP/s: UNITER's FLOPs for the step (the
+reference step as executed on the padded batch, ``torch.utils.flop_counter``: matmuls,
+attention, forward and backward) over the median time, and the column's own executed FLOPs
+(fewer on the fast ops: the pruned rows) over it, against an fp32 GEMM rate measured in the
+same run (the best of a few 2048³ products): on a CPU the physical limit of a GEMM-bound
+step.  On CPU every column runs with freed memory kept (``keep_freed_memory``, what the
+trainer sets; a process setting); ``test_cpu_allocator`` measures it first against glibc's
+default malloc.
 
 CPU: UNITER-base (12 layers, hidden 768), fp32, batches of at most ``BATCH_TOKENS`` = 320
 padded tokens (2-9 examples; about 2 s per step on one thread, the published setting on a
@@ -54,6 +61,7 @@ from uniter_fast.data.vqa import vqa_collate
 from uniter_fast.masking import img_mask_target, random_word, region_mask
 from uniter_fast.model import UniterForVisualQuestionAnswering, vqa_train_loss
 from uniter_fast.model.compile import compile_counts, compile_model, dynamo_config
+from uniter_fast.training.allocator import allocator_state, keep_freed_memory
 
 ITM_OT_LAMBDA = 0.1          # UNITER's pretraining config
 MASK_PROB = 0.15
@@ -210,12 +218,20 @@ def _tasks(case):
     return MIX if case == "mixed" else [case]
 
 
-def step(column, case, i):
-    """One step of ``case`` (the mix: six) on batch ``i`` of each task, in ``column``."""
+def _prune(model, column):
+    """The reference columns compute UNITER's way (every row of the last layer, then the
+    heads' selection); the fast ones only the rows the heads read."""
+    model.uniter.encoder.prune_last_layer = not column.startswith("reference")
+
+
+def step(column, case, i, *, ops_of=None):
+    """One step of ``case`` (the mix: six) on batch ``i`` of each task, in ``column``
+    (``ops_of``: run on that column's ops instead, the column's computation otherwise)."""
     kind = "vqa" if case == "vqa" else "pretrain"
     model = _model(column, kind)
+    _prune(model, column)
     loss = None
-    with _engine(column):
+    with _engine(ops_of or column):
         for task in _tasks(case):
             model.zero_grad(set_to_none=True)
             with _autocast():
@@ -246,12 +262,14 @@ def gemm_rate(dtype=torch.float32):
     return 2.0 * n ** 3 / best
 
 
-def step_flops(case, i):
-    """FLOPs of the reference step on batch ``i`` as executed (padded batch; matmuls and
-    attention, forward and backward)."""
+def step_flops(case, i, column="reference"):
+    """FLOPs of the ``column``'s step on batch ``i`` as executed (padded batch; matmuls and
+    attention, forward and backward), counted on the reference ops (the counter does not
+    see inside the C++ kernels): the reference's are UNITER's FLOPs; the fast columns
+    execute fewer (the last layer's pruned rows)."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        step("reference", case, i)
+        step(column.split("+")[0], case, i, ops_of="reference")
     return int(counter.get_total_flops())
 
 
@@ -326,8 +344,54 @@ def _same_losses(case):
     return losses
 
 
+ALLOCATOR_CASES = ("mlm", "itm")
+
+
+@pytest.mark.skipif(bu.ON_CUDA, reason="a CPU allocator setting")
+def test_cpu_allocator(benchmark, collector):
+    """The fast eager step of ``ALLOCATOR_CASES`` with glibc's default malloc, then with
+    freed memory kept (``uniter_fast.training.allocator.keep_freed_memory``: what the trainer
+    sets on CPU).  Sequential in one process, every case on the default first (the setting
+    cannot be undone), before the step rows, which all run with it (every column: it is a
+    process setting, UNITER's code gets it too)."""
+    if allocator_state() == "kept":
+        pytest.skip("freed memory is already kept in this process (run this file alone)")
+    rounds = 1 if bu.SMOKE else 2 * N_BATCHES
+    fns = {case: rotating("fast", case) for case in ALLOCATOR_CASES}
+    samples = {}
+    for setting in ("default", "kept"):
+        if setting == "kept" and not keep_freed_memory(True):
+            pytest.skip("glibc's mallopt is not available here")
+        for case, fn in fns.items():
+            for _ in range(N_BATCHES):          # warm-up: the heap grows to the step's peak
+                fn()
+            samples[setting, case] = got = []
+            if setting == "kept" and case == ALLOCATOR_CASES[0]:
+                benchmark.group = "cpu allocator"
+                benchmark.pedantic(lambda fn=fn: got.append(bu.time_call(fn)), rounds=rounds,
+                                   iterations=1, warmup_rounds=0)
+            else:
+                got.extend(bu.time_call(fn) for _ in range(rounds))
+    for case in ALLOCATOR_CASES:
+        kept, default = bu._stats(samples["kept", case]), bu._stats(samples["default", case])
+        timing = dict(kept, baselines={"glibc-default": default},
+                      speedup={"glibc-default": default["median_s"] / kept["median_s"]})
+        rec = bu.make_record(
+            op="allocator", group=f"cpu allocator {case}", mode="fwd+bwd", backend="fast",
+            dtype=torch.float32,
+            shape={"task": case, "config": CONFIG if isinstance(CONFIG, str) else "smoke",
+                   "batch_tokens": BATCH_TOKENS},
+            timing=timing, notes="fast ops eager; glibc-default rounds first, then "
+                                 "keep_freed_memory() and the same batches (sequential)")
+        if case == ALLOCATOR_CASES[0]:
+            bu.attach(benchmark, rec)
+        collector.add(rec)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_training_step(benchmark, collector, case):
+    if not bu.ON_CUDA:
+        keep_freed_memory(True)             # the trainer's CPU setting, for every column
     cols = columns()
     breaks = {c: graph_breaks(c, case) for c in cols}
     before = compile_counts()
@@ -348,6 +412,8 @@ def test_training_step(benchmark, collector, case):
     tokens = sum(real_tokens(b[t]) for b in per_batch for t in tasks) / N_BATCHES
     padded = sum(padded_tokens(b[t]) for b in per_batch for t in tasks) / N_BATCHES
     flops = sum(step_flops(case, i) for i in range(N_BATCHES)) / N_BATCHES
+    executed = {o: sum(step_flops(case, i, o) for i in range(N_BATCHES)) / N_BATCHES
+                for o in ("reference", "fast")}
     rate = _gemm()
     medians = {main: timing["median_s"], **{c: timing["baselines"][c]["median_s"]
                                             for c in cols[:-1]}}
@@ -355,8 +421,12 @@ def test_training_step(benchmark, collector, case):
     for c in cols:
         med = medians[c]
         col_rec[c] = {
-            "median_s": med, "tokens_per_s": tokens / med, "flops_per_s": flops / med,
-            "fraction_of_gemm_rate": flops / med / rate,
+            "median_s": med, "tokens_per_s": tokens / med,
+            # UNITER's FLOPs (the reference step's) per second: the same work in every column
+            "flops_per_s": flops / med, "fraction_of_gemm_rate": flops / med / rate,
+            # the FLOPs this column executes per second (fast: fewer, the pruned rows)
+            "executed_flops": executed[c.split("+")[0]],
+            "executed_fraction_of_gemm_rate": executed[c.split("+")[0]] / med / rate,
             "peak_mem_bytes": peak_memory(lambda c=c: step(c, case, 0)),
             "graph_breaks": breaks[c],
             "loss": losses[c]}
@@ -376,7 +446,7 @@ def test_training_step(benchmark, collector, case):
         notes="forward+backward+zero_grad per task (mixed: itm,itm,mlm,mlm,mrfr,mrc-kl); "
               "batches from TokenBucketSampler + the real collates; columns interleaved")
     rec.update(columns=col_rec, gemm_fp32_flops_per_s=rate, padded_tokens=padded,
-               warmup_s=warm_s, compile=counts)
+               warmup_s=warm_s, compile=counts, cpu_allocator=allocator_state())
     bu.attach(benchmark, rec)
     collector.add(rec)
 
@@ -389,7 +459,8 @@ def table(doc):
     rows = [r for r in doc["results"] if r["op"] == "step"]
     head = ("| step | " + " | ".join(f"{c} (ms, tok/s)" for c in cols)
             + " | fast+compile vs reference+compile | fast vs reference | "
-            "GEMM fraction (fast+compile) | peak RSS / memory (fast+compile) | graph breaks |")
+            "GEMM fraction (fast+compile: UNITER's FLOPs, executed FLOPs) | "
+            "peak RSS / memory (fast+compile) | graph breaks |")
     lines = [head, "|" + "---|" * (len(cols) + 6)]
     for r in sorted(rows, key=lambda r: CASES.index(r["shape"]["task"])):
         c = r["columns"]
@@ -408,8 +479,10 @@ def table(doc):
         lines.append(
             f"| {r['shape']['task']} | " + " | ".join(cell(n) for n in cols)
             + f" | {ratio('fast+compile', 'reference+compile')} | {ratio('fast', 'reference')}"
-            f" | {100 * c[main]['fraction_of_gemm_rate']:.0f}% of "
-            f"{r['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s"
+            f" | {100 * c[main]['fraction_of_gemm_rate']:.0f}%"
+            + (f", {100 * c[main]['executed_fraction_of_gemm_rate']:.0f}%"
+               if "executed_fraction_of_gemm_rate" in c[main] else "")
+            + f" of {r['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s"
             f" | {c[main]['peak_mem_bytes'] / 2**30:.2f} GiB | {breaks} |")
     return "\n".join(lines)
 

@@ -69,7 +69,8 @@ def _check_smoke_run(tmp_path, device):
     res = doc["results"]
     assert {r["op"] for r in res} == {"attention", "ipot", "ipot_distance",
                                       "optimal_transport_dist", "layer_norm", "gelu", "model",
-                                      "itr_eval", "extract", "step"}
+                                      "itr_eval", "extract", "step"} | (
+                                          {"allocator"} if device == "cpu" else set())
     ext = [r for r in res if r["op"] == "extract"]
     assert all(r["speedup"]["port"] > 0 and set(r["stage_share"]) == {
         "decode", "backbone", "rpn", "res5_head", "selection", "write"} for r in ext)
@@ -106,11 +107,28 @@ def _check_smoke_run(tmp_path, device):
         for c in r["columns"].values():
             assert c["tokens_per_s"] == pytest.approx(r["tokens"] / c["median_s"], rel=0.01)
             assert c["fraction_of_gemm_rate"] > 0 and c["peak_mem_bytes"] > 0
+            assert 0 < c["executed_flops"] <= r["flops"]
+            assert c["executed_fraction_of_gemm_rate"] == pytest.approx(
+                c["executed_flops"] / c["median_s"] / r["gemm_fp32_flops_per_s"])
+        # the reference executes UNITER's FLOPs; the fast ops fewer where the heads read
+        # only some rows of the last layer (not ITM + WRA: it reads them all)
+        assert r["columns"]["reference"]["executed_flops"] == r["flops"]
+        pruned = r["columns"]["fast"]["executed_flops"] < r["flops"]
+        assert pruned == (r["shape"]["task"] != "itm"), r["shape"]["task"]
+        assert r["cpu_allocator"] == ("kept" if device == "cpu" else "default")
+    if device == "cpu":   # glibc's default malloc, then freed memory kept (same process)
+        alloc = [r for r in res if r["op"] == "allocator"]
+        assert {r["shape"]["task"] for r in alloc} == {"mlm", "itm"}
+        for r in alloc:
+            assert r["speedup"]["glibc-default"] == pytest.approx(
+                r["baselines"]["glibc-default"]["median_s"] / r["median_s"])
     for r in res:
         assert r["device"] == device
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         if r["backend"] == "reference":
             assert set(r["speedup"]) == ({"original"} if r["op"] == "ipot_distance" else set())
+            continue
+        if r["op"] == "allocator":
             continue
         if r["op"] == "extract":    # images/s against the same detector run as the ports run it
             assert set(r["speedup"]) == {"port"}

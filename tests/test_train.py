@@ -77,6 +77,7 @@ def test_main_command_deepspeed_launcher(env, tmp_path):
     emulated = bf16_emulated(read_json(DS, "DeepSpeed config"))
     assert start[0]["dtype"] == ("torch.float32" if emulated else "torch.bfloat16"), start
     assert start[0]["zero_stage"] == 2
+    assert start[0]["cpu_allocator"] == "kept"     # training/allocator.py, on CPU by default
     assert ("no native bf16" in log and "training in fp32" in log) == emulated
 
 

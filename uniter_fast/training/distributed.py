@@ -6,6 +6,8 @@ import socket
 
 import torch
 
+from .allocator import keep_freed_memory
+
 __all__ = ["init_distributed", "setup_device", "barrier"]
 
 
@@ -43,10 +45,12 @@ def init_distributed():
 
 
 def setup_device(acc, local_rank: int, world_size: int) -> torch.device:
-    """The device of this rank; on CPU, a sane intra-op thread count."""
+    """The device of this rank; on CPU, a sane intra-op thread count and freed memory kept
+    for reuse (:func:`uniter_fast.training.allocator.keep_freed_memory`)."""
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
         return torch.device(acc.device_name(), local_rank)
+    keep_freed_memory()
     if "OMP_NUM_THREADS" not in os.environ:
         # small models on a shared CPU: oversubscribed intra-op threads are far slower
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

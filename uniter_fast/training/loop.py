@@ -27,6 +27,7 @@ from .. import checkpoint as ckpt_lib
 from ..data import move_to_device
 from ..data.sampler import config_seed
 from ..model.compile import compile_counts, compile_model, use_compile
+from .allocator import allocator_state
 from .config import (
     PRECISIONS,
     apply_precision,
@@ -278,6 +279,7 @@ class Trainer:
              "world_size": self.world_size, "zero_stage": self.zero_stage,
              "dtype": str(next(engine.module.parameters()).dtype),
              "device": str(self.device), "resumed": self.resumed, "compile": self.compiled,
+             "cpu_allocator": allocator_state(),
              **({"resumed_from": self.resume_tag, "dropped_records": self.dropped_records}
                 if self.resume_tag is not None else {})})
         self.saved_step = self.global_step if self.resume_tag is not None else None
