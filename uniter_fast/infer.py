@@ -69,8 +69,8 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model's forward (uniter_fast.compile_model; the "
-                        "first batch runs eagerly); default: uniter_fast.model.compile."
+                   help="torch.compile the model's forward (uniter_fast.compile_model, at its "
+                        "first batch); default: uniter_fast.model.compile."
                         "COMPILE_DEFAULT for the device")
     p.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend with --compile")

@@ -40,7 +40,7 @@ from torch import nn
 __all__ = ["compile_model", "is_compiled", "compiling", "DYNAMO_CONFIG", "dynamo_config",
            "SHAPE_CONFIG", "compile_counts", "COMPILE_DEFAULT", "use_compile"]
 
-#: whether ``train.py`` / ``finetune.py`` / ``infer`` compile the model when the command
+#: whether ``train.py`` / ``finetune.py`` / ``infer`` / ``predict`` compile the model when the command
 #: line says neither ``--compile`` nor ``--no-compile``, per device type: on only where
 #: the compiled default run was measured faster than the eager one (README,
 #: "torch.compile"); a device type not listed (a GPU: not measured yet) runs eagerly
