@@ -406,7 +406,7 @@ def test_training_step(benchmark, collector, case):
     fns = {c: rotating(c, case) for c in cols}
     benchmark.group = f"training step {case} {bu.DEVICE.type}"
     timing = bu.measure(benchmark, fns[main], {c: fns[c] for c in cols[:-1]}, warmup=1,
-                        min_rounds=N_BATCHES, max_rounds=N_BATCHES)
+                        min_rounds=2 * N_BATCHES, max_rounds=2 * N_BATCHES)
     tasks = _tasks(case)
     per_batch = [{t: batches(t)[i] for t in tasks} for i in range(N_BATCHES)]
     tokens = sum(real_tokens(b[t]) for b in per_batch for t in tasks) / N_BATCHES
