@@ -48,7 +48,10 @@ def run(name, extra, steps, work, env):
     end = next(r for r in recs if r.get("event") == "end")
     val = [r for r in recs if r.get("event") == "validation"][-1]
     a, b = steps_rec[STEADY_FROM], steps_rec[steps]
-    return {"command": " ".join(cmd[1:]).replace(ROOT + "/", ""), "wall_s": wall,
+    # the record names no path of this machine: the repository's relative, the run's dir
+    # under $WORK (a temporary directory)
+    command = " ".join(cmd[1:]).replace(ROOT + "/", "").replace(work, "$WORK")
+    return {"command": command, "wall_s": wall,
             "train_wall_s": end["train_wall_s"], "elapsed_at_last_step_s": b["elapsed_s"],
             "steady_steps_per_s": (steps - STEADY_FROM) / (b["elapsed_s"] - a["elapsed_s"]),
             "compile": end.get("compile"), "validation": val,

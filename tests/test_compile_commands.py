@@ -5,10 +5,10 @@ Compiled with ``--compile_backend aot_eager`` (dynamo and AOT autograd, the same
 without inductor's code generation: CI time); tests/test_compile.py runs inductor."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from test_train import _run as run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "uniter_fast", "train.py")
@@ -25,12 +25,8 @@ def env(training_env):
     return dict(training_env)     # conftest: the shared cache, no outer launcher's variables
 
 
-def _run(cmd, env, timeout=600):
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-5000:]}")
-    return p
+def _run(cmd, env):
+    return run_command(cmd, env, timeout=600)      # compiling: longer than test_train's default
 
 
 def _records(out):

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import checkpoint as ckpt_lib
-from .model.compile import compile_counts, compiling, use_compile
+from .model.compile import add_compile_arguments, compile_counts, compiling, use_compile
 from .tasks import FinetuneTask, task_from_argv, task_names
 from .tasks.inference import inference_config, resolve_checkpoint
 
@@ -68,12 +68,7 @@ def build_parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser
                    help=task.infer_batch_help if task is not None else "batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model's forward (uniter_fast.compile_model, at its "
-                        "first batch); default: uniter_fast.model.compile."
-                        "COMPILE_DEFAULT for the device")
-    p.add_argument("--compile_backend", default="inductor",
-                   help="torch.compile backend with --compile")
+    add_compile_arguments(p)
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="load a DeepSpeed checkpoint's files as DeepSpeed does (full "

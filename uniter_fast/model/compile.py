@@ -38,13 +38,28 @@ import torch
 from torch import nn
 
 __all__ = ["compile_model", "is_compiled", "compiling", "DYNAMO_CONFIG", "dynamo_config",
-           "SHAPE_CONFIG", "compile_counts", "COMPILE_DEFAULT", "use_compile"]
+           "SHAPE_CONFIG", "compile_counts", "COMPILE_DEFAULT", "use_compile",
+           "add_compile_arguments"]
 
 #: whether ``train.py`` / ``finetune.py`` / ``infer`` / ``predict`` compile the model when the command
 #: line says neither ``--compile`` nor ``--no-compile``, per device type: on only where
 #: the compiled default run was measured faster than the eager one (README,
 #: "torch.compile"); a device type not listed (a GPU: not measured yet) runs eagerly
 COMPILE_DEFAULT: Dict[str, bool] = {"cpu": False}
+
+
+def add_compile_arguments(parser) -> None:
+    """``--compile`` / ``--no-compile`` and ``--compile_backend``, as every command takes them
+    (``parser``: an argparse parser or argument group); :func:`use_compile` reads the flag."""
+    import argparse
+    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model's forward (uniter_fast.compile_model, at "
+                             "its first batch; batch checks before the compiled region); "
+                             "default: on where it was measured faster (uniter_fast.model."
+                             "compile.COMPILE_DEFAULT: no device so far), off elsewhere")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend with --compile (inductor; aot_eager traces "
+                             "the same graphs without code generation)")
 
 
 def use_compile(flag: Optional[bool], device: torch.device) -> bool:

@@ -66,6 +66,13 @@ def masked_index(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
+def masked_text_rows(txt_labels: torch.Tensor, joint_len: int):
+    """The MLM positions (``txt_labels != -1``) as rows of the joint sequence flattened to
+    [B * joint_len] (text comes first in it) and their labels: ``(rows [n], labels [n])``."""
+    masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
+    return masked[:, 0] * joint_len + masked[:, 1], txt_labels[masked[:, 0], masked[:, 1]]
+
+
 def check_rows(pred: torch.Tensor, targets: torch.Tensor, message) -> None:
     """``pred`` (one row per masked region) must have ``targets``' shape: a ValueError
     naming both in eager mode; under torch.compile, where the number of masked regions
@@ -220,11 +227,10 @@ class UniterForPretraining(UniterPreTrainedModel):
                     gather_index, txt_labels, compute_loss=True):
         # the heads read only the masked positions: the encoder's last layer computes
         # only those rows (UniterEncoder.prune_last_layer)
-        masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
-        rows = masked[:, 0] * attention_mask.size(1) + masked[:, 1]   # text first in the joint
+        rows, labels = masked_text_rows(txt_labels, attention_mask.size(1))
         hidden = self.uniter(input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                              gather_index, output_all_encoded_layers=False, output_rows=rows)
-        return self._mlm_output(hidden, txt_labels[masked[:, 0], masked[:, 1]], compute_loss)
+        return self._mlm_output(hidden, labels, compute_loss)
 
     def _mlm_output(self, hidden, labels, compute_loss):
         """MLM scores (or per-token losses) of the masked text rows ``hidden`` [n, H]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layer import BertOnlyMLMHead
-from .pretrain import UniterForPretraining, check_rows, masked_index
+from .pretrain import UniterForPretraining, check_rows, masked_index, masked_text_rows
 from .vcr import VCR_TYPE_ROWS, grow_type_embedding, grow_word_embedding
 
 __all__ = ["UniterForPretrainingForVCR", "VCR_PRETRAIN_TASKS"]
@@ -78,11 +78,10 @@ class UniterForPretrainingForVCR(UniterForPretraining):
 
     def forward_mlm(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                     attention_mask, gather_index, txt_labels, compute_loss=True):
-        masked = (txt_labels != -1).nonzero()                   # [n, 2]: (example, position)
-        rows = masked[:, 0] * attention_mask.size(1) + masked[:, 1]   # text first in the joint
+        rows, labels = masked_text_rows(txt_labels, attention_mask.size(1))
         hidden = self._encode(input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                               attention_mask, gather_index, output_rows=rows)
-        return self._mlm_output(hidden, txt_labels[masked[:, 0], masked[:, 1]], compute_loss)
+        return self._mlm_output(hidden, labels, compute_loss)
 
     def forward_mrfr(self, input_ids, position_ids, txt_type_ids, img_feat, img_pos_feat,
                      attention_mask, gather_index, img_masks, img_mask_tgt, feat_targets,

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 
 from ..detector.config import PRESETS
 from ..detector.extractor import PRECISIONS
+from ..model.compile import add_compile_arguments
 from ..tasks import FinetuneTask, task_from_argv, task_names
 from ..tasks.inference import claim_outputs
 from . import (
@@ -72,12 +73,7 @@ def parser(task: Optional[FinetuneTask] = None) -> argparse.ArgumentParser:
     m.add_argument("--trust_checkpoint", action="store_true",
                    help="load a DeepSpeed checkpoint's files without the safe check "
                         "(docs/reliability.md)")
-    m.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the task model's forward (uniter_fast.compile_model, "
-                        "at its first batch); default: uniter_fast.model.compile."
-                        "COMPILE_DEFAULT for the device")
-    m.add_argument("--compile_backend", default="inductor",
-                   help="torch.compile backend with --compile")
+    add_compile_arguments(m)
     d = p.add_argument_group("detector (as python -m uniter_fast.extract)")
     d.add_argument("--detector", required=True,
                    help="detector weights: faster_rcnn_from_caffe_attr.pkl or the Hugging Face "

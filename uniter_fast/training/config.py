@@ -9,6 +9,8 @@ import os
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..model.compile import add_compile_arguments
+
 __all__ = ["OVERRIDES", "DS_OVERRIDES", "TRAINER_KEYS", "DEEPSPEED_KEYS", "build_arg_parser",
            "load_configs", "read_json", "apply_deepspeed_overrides", "check_unknown_keys"]
 
@@ -136,14 +138,7 @@ def build_arg_parser(description: str = "", default_config: Optional[str] = None
                    help="unknown keys in the training config or ds.json are an error, not a "
                         "warning")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model's forward (uniter_fast.compile_model: "
-                        "inductor, batch checks before the compiled region); default: on "
-                        "where it was measured faster (COMPILE_DEFAULT: neither this CPU's "
-                        "default run nor a GPU so far), off elsewhere")
-    p.add_argument("--compile_backend", default="inductor",
-                   help="torch.compile backend with --compile (inductor; aot_eager traces "
-                        "the same graphs without code generation)")
+    add_compile_arguments(p)
     p.add_argument("--debug_rank_files", action="store_true",
                    help="every rank writes metrics_rank{r}.jsonl (with a fingerprint of its "
                         "batches) and its final weights final_weights_rank{r}.pt")
